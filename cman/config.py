@@ -1,0 +1,303 @@
+"""Validated, nested CMAN configuration: YAML in, YAML out, `--set a.b=c` overrides.
+
+Every section is a pydantic model that forbids unknown keys, so a typo or an impossible value is one error
+naming the key (``ConfigError: model.fusion.heads: ...``) before anything expensive starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cman.modality import Modality
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted key and what to do about it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class EncoderConfig(_Section):
+    """One modality's HF backbone: a hub id / local dir (`pretrained`) or a random-init HF config (`init`)."""
+
+    pretrained: str | None = None
+    init: dict[str, Any] | None = Field(
+        default=None, description="HF config dict (must hold model_type) for a randomly initialised backbone"
+    )
+    processor: str | None = Field(default=None, description="processor/tokenizer source; default: `pretrained`")
+    freeze_base: bool = True
+    max_length: int | None = Field(default=None, gt=0, description="text tokens / audio fbank frames")
+    max_seconds: float = Field(default=10.0, gt=0, description="audio clips are cut to this length")
+    image_size: int | None = Field(default=None, gt=0, description="random-init image encoders: input size")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EncoderConfig:
+        if (self.pretrained is None) == (self.init is None):
+            raise ValueError("set exactly one of `pretrained` (hub id or local dir) or `init` (HF config dict)")
+        if self.init is not None and "model_type" not in self.init:
+            raise ValueError("`init` needs a `model_type` key, e.g. roberta, vit, audio-spectrogram-transformer")
+        return self
+
+
+class FusionConfig(_Section):
+    layers: int = Field(default=6, ge=1)
+    heads: int = Field(default=8, ge=1)
+    width: int = Field(default=512, ge=8, description="fusion transformer model width")
+    ffn: int = Field(default=2048, ge=8)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    pool: Literal["cls", "mean"] = "cls"
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> FusionConfig:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        return self
+
+
+class ModelConfig(_Section):
+    text: EncoderConfig | None = None
+    audio: EncoderConfig | None = None
+    image: EncoderConfig | None = None
+    fusion: FusionConfig = FusionConfig()
+    embedding_dim: int = Field(default=512, ge=2)
+    dropout: float = Field(default=0.3, ge=0.0, lt=1.0)
+    max_tokens: int = Field(default=256, ge=1, description="tokens per modality handed to fusion (longer is pooled)")
+
+    @model_validator(mode="after")
+    def _some_encoder(self) -> ModelConfig:
+        if not self.modalities:
+            raise ValueError("configure at least one of model.text / model.audio / model.image")
+        if self.embedding_dim % self.fusion.heads:
+            raise ValueError(
+                f"embedding_dim {self.embedding_dim} is not divisible by fusion.heads {self.fusion.heads}"
+            )
+        return self
+
+    @property
+    def modalities(self) -> list[Modality]:
+        return [m for m in Modality if getattr(self, m.value) is not None]
+
+    def encoder(self, modality: Modality) -> EncoderConfig:
+        enc = getattr(self, Modality(modality).value)
+        if enc is None:
+            raise ConfigError(f"model.{Modality(modality).value}: no encoder configured for this modality")
+        return enc
+
+
+class PeftConfig(_Section):
+    enabled: bool = True
+    rank: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
+    target_modules: dict[str, list[str]] | None = Field(
+        default=None, description="per modality override; default: the architecture table in cman.models.lora"
+    )
+
+
+class LossConfig(_Section):
+    type: Literal["max_margin", "infonce"] = "max_margin"
+    margin: float = Field(default=0.2, gt=0.0, le=2.0)
+    mode: Literal["hardest", "sum"] = "hardest"
+    temperature: float = Field(default=0.07, gt=0.0)
+
+
+class DataConfig(_Section):
+    root: str | None = Field(default=None, description="dataset root in the seed layout")
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    skip_bad_items: bool = False
+    cache_features: bool = Field(default=True, description="keep preprocessed features in memory across epochs")
+    num_workers: int = Field(default=0, ge=0)
+    max_items: int | None = Field(default=None, gt=0, description="use only the first N items of each split")
+
+
+class TrainingConfig(_Section):
+    epochs: int = Field(default=70, ge=1)
+    batch_size: int = Field(default=32, ge=2)
+    eval_batch_size: int = Field(default=64, ge=1)
+    learning_rate: float = Field(default=5e-5, gt=0)
+    encoder_learning_rate: float | None = Field(default=None, gt=0, description="default: learning_rate")
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    grad_clip: float = Field(default=1.0, ge=0)
+    grad_accum: int = Field(default=1, ge=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    debug: bool = False
+
+
+class RayConfig(_Section):
+    num_workers: int = Field(default=1, ge=0)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+    max_failures: int = Field(default=2, ge=0)
+
+
+class TuneSpace(_Section):
+    rank: list[int] = Field(default_factory=lambda: [4, 8, 16, 32])
+    alpha_ratio: list[float] = Field(default_factory=lambda: [1.0, 2.0], description="alpha = ratio * rank")
+    margin: tuple[float, float] = (0.05, 0.5)
+    learning_rate: tuple[float, float] = (1e-5, 1e-3)
+
+    @field_validator("rank")
+    @classmethod
+    def _ranks(cls, v: list[int]) -> list[int]:
+        if not v or any(r < 1 for r in v):
+            raise ValueError("rank choices must be a non-empty list of positive integers")
+        return v
+
+    @field_validator("alpha_ratio")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if not v or any(r <= 0 for r in v):
+            raise ValueError("alpha_ratio choices must be a non-empty list of positive numbers")
+        return v
+
+    @field_validator("margin", "learning_rate")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        low, high = v
+        if not 0 < low <= high:
+            raise ValueError(f"range [{low}, {high}] must satisfy 0 < low <= high")
+        return v
+
+
+class TuneConfig(_Section):
+    num_samples: int = Field(default=8, ge=1)
+    max_concurrent: int = Field(default=1, ge=1)
+    cpus_per_trial: float = Field(default=1.0, gt=0)
+    gpus_per_trial: float = Field(default=0.0, ge=0)
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: int = Field(default=2, ge=2)
+    seed: int = 0
+    space: TuneSpace = TuneSpace()
+
+
+class ServeConfig(_Section):
+    max_batch_size: int = Field(default=16, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    max_upload_mb: float = Field(default=10.0, gt=0)
+    num_cpus_per_replica: float = Field(default=0.25, gt=0)
+    num_gpus_per_replica: float = Field(default=0.0, ge=0)
+    index_kind: Literal["flat", "ivf", "hnsw"] = "flat"
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = Field(default=None, description="default: MLFLOW_TRACKING_URI or sqlite under output")
+    experiment: str = "cman"
+
+
+class CMANConfig(_Section):
+    model: ModelConfig
+    peft: PeftConfig = PeftConfig()
+    loss: LossConfig = LossConfig()
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    ray: RayConfig = RayConfig()
+    tune: TuneConfig = TuneConfig()
+    serve: ServeConfig = ServeConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    output_dir: str = "outputs/run"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view (`model.fusion.layers: 6`) for experiment trackers."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict) and node:
+                for k, v in node.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = node
+
+        walk("", self.to_dict())
+        return out
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> CMANConfig:
+        return from_dict(apply_overrides(self.to_dict(), overrides))
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; see configs/default.yaml for the known keys)"
+        lines.append(f"{key}: {msg}")
+    return "; ".join(lines)
+
+
+def from_dict(data: dict[str, Any]) -> CMANConfig:
+    try:
+        return CMANConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config: {_format_error(err)}") from None
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of `data` with `a.b.c=value` overrides applied (values parsed as YAML)."""
+    data = copy.deepcopy(data)
+    items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+    for key, value in items:
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: `{part}` is not a section")
+        node[parts[-1]] = _parse_value(value) if isinstance(value, str) else value
+    return data
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.epochs=3")
+    return key.strip(), value
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> CMANConfig:
+    """Load a YAML config; relative `data.root` is resolved against the current directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    if overrides:
+        data = apply_overrides(data, overrides)
+    try:
+        return from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -1,0 +1,48 @@
+"""Image decoding: PIL, EXIF orientation applied, RGB, decompression bombs refused."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from cman.data.errors import DataError
+
+MAX_PIXELS = 40_000_000  # a 40 MP photo is the largest we accept
+
+
+def decode_image(source: str | Path | bytes, *, item_id: str | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode `source` (a path or raw bytes) to an RGB PIL image with its EXIF orientation applied."""
+    path = None if isinstance(source, bytes) else Path(source)
+    where = f"image file {path}" if path else "image upload"
+    if item_id is not None:
+        where += f" (item {item_id})"
+    if path is not None and not path.is_file():
+        raise DataError(f"{where} does not exist", item_id=item_id, path=str(path))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            handle = io.BytesIO(source) if isinstance(source, bytes) else path
+            with Image.open(handle) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise DataError(
+                        f"{where} is {width}x{height} pixels, over the {max_pixels:,} limit (decompression bomb?)",
+                        item_id=item_id,
+                        path=str(path) if path else None,
+                    )
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return img.convert("RGB")
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"{where} is too large: {err}", item_id=item_id, path=str(path) if path else None) from None
+    except Exception as err:
+        raise DataError(
+            f"{where} could not be decoded ({err}); send a PNG, JPEG or other PIL-readable image",
+            item_id=item_id,
+            path=str(path) if path else None,
+        ) from None

@@ -1,0 +1,159 @@
+"""Per-modality preprocessing: raw input (file path, bytes, text) → model tensors, and batch collation.
+
+Each processor wraps the encoder's own HF processor (tokenizer, feature extractor, image processor), is saved
+inside a checkpoint, and is shared by training, evaluation, indexing and the Serve encoders.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from transformers import (
+    ASTFeatureExtractor,
+    AutoFeatureExtractor,
+    AutoImageProcessor,
+    AutoTokenizer,
+    ViTImageProcessorPil,
+    Wav2Vec2FeatureExtractor,
+)
+
+from cman.config import EncoderConfig
+from cman.data.audio import decode_audio
+from cman.data.image import decode_image
+from cman.data.text import clean_caption, train_tokenizer
+from cman.modality import Modality
+
+Features = dict[str, torch.Tensor]
+_META = "cman_processor.json"
+
+
+class TextProcessor:
+    modality = Modality.TEXT
+
+    def __init__(self, tokenizer: Any, max_length: int = 64) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def load(self, source: Any, item_id: str | None = None) -> str:
+        return clean_caption(source, item_id=item_id)
+
+    def features(self, raw: str) -> Features:
+        enc = self.tokenizer(raw, truncation=True, max_length=self.max_length)
+        ids = torch.tensor(enc["input_ids"], dtype=torch.long)  # (tokens,)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def collate(self, items: list[Features]) -> Features:
+        pad_id = self.tokenizer.pad_token_id or 0
+        return {
+            "input_ids": pad_sequence([i["input_ids"] for i in items], batch_first=True, padding_value=pad_id),
+            "attention_mask": pad_sequence([i["attention_mask"] for i in items], batch_first=True),
+        }  # (batch, tokens)
+
+    def save(self, directory: Path) -> None:
+        self.tokenizer.save_pretrained(directory)
+        _write_meta(directory, {"kind": "text", "max_length": self.max_length})
+
+
+class AudioProcessor:
+    modality = Modality.AUDIO
+
+    def __init__(self, extractor: Any, max_seconds: float = 10.0) -> None:
+        self.extractor = extractor
+        self.max_seconds = max_seconds
+        self.sampling_rate = int(extractor.sampling_rate)
+        self.spectrogram = isinstance(extractor, ASTFeatureExtractor)
+
+    def load(self, source: Any, item_id: str | None = None) -> np.ndarray:
+        return decode_audio(source, self.sampling_rate, max_seconds=self.max_seconds, item_id=item_id)
+
+    def features(self, raw: np.ndarray) -> Features:
+        out = self.extractor(raw, sampling_rate=self.sampling_rate, return_tensors="np")
+        values = torch.from_numpy(np.asarray(out["input_values"][0], dtype=np.float32))
+        # AST: (frames, mel_bins), padded by the extractor to max_length; waveform models: (samples,)
+        return {"input_values": values}
+
+    def collate(self, items: list[Features]) -> Features:
+        values = [i["input_values"] for i in items]
+        if self.spectrogram:
+            return {"input_values": torch.stack(values)}  # (batch, frames, mel_bins)
+        lengths = torch.tensor([v.shape[0] for v in values])
+        mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()  # (batch, samples)
+        return {"input_values": pad_sequence(values, batch_first=True), "attention_mask": mask}
+
+    def save(self, directory: Path) -> None:
+        self.extractor.save_pretrained(directory)
+        _write_meta(directory, {"kind": "audio", "max_seconds": self.max_seconds})
+
+
+class ImageProcessor:
+    modality = Modality.IMAGE
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def load(self, source: Any, item_id: str | None = None) -> Any:
+        return decode_image(source, item_id=item_id)
+
+    def features(self, raw: Any) -> Features:
+        out = self.processor(images=raw, return_tensors="np")
+        return {"pixel_values": torch.from_numpy(np.asarray(out["pixel_values"][0], dtype=np.float32))}  # (3, H, W)
+
+    def collate(self, items: list[Features]) -> Features:
+        return {"pixel_values": torch.stack([i["pixel_values"] for i in items])}  # (batch, 3, H, W)
+
+    def save(self, directory: Path) -> None:
+        self.processor.save_pretrained(directory)
+        _write_meta(directory, {"kind": "image"})
+
+
+Processor = TextProcessor | AudioProcessor | ImageProcessor
+
+
+def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    Path(directory, _META).write_text(json.dumps(meta))
+
+
+def build_processor(modality: Modality, cfg: EncoderConfig, captions: list[str] | None = None) -> Processor:
+    """The processor for a fresh model: loaded from `cfg.processor`/`cfg.pretrained`, or built for `cfg.init`."""
+    source = cfg.processor or cfg.pretrained
+    init = cfg.init or {}
+    if modality == Modality.TEXT:
+        if source is not None:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        elif captions:
+            tokenizer = train_tokenizer(captions, vocab_size=int(init.get("vocab_size", 1000)))
+        else:
+            raise ValueError("model.text.init needs training captions to train a tokenizer (or set model.text.processor)")
+        return TextProcessor(tokenizer, max_length=cfg.max_length or 64)
+    if modality == Modality.AUDIO:
+        if source is not None:
+            extractor = AutoFeatureExtractor.from_pretrained(source)
+        elif init["model_type"] == "audio-spectrogram-transformer":
+            extractor = ASTFeatureExtractor(
+                num_mel_bins=int(init.get("num_mel_bins", 128)), max_length=int(init.get("max_length", 1024))
+            )
+        else:
+            extractor = Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=True)
+        if cfg.max_length is not None and isinstance(extractor, ASTFeatureExtractor):
+            extractor.max_length = cfg.max_length
+        return AudioProcessor(extractor, max_seconds=cfg.max_seconds)
+    if source is not None:
+        return ImageProcessor(AutoImageProcessor.from_pretrained(source, backend="pil"))
+    size = int(cfg.image_size or init.get("image_size", 224))
+    return ImageProcessor(ViTImageProcessorPil(size={"height": size, "width": size}))
+
+
+def load_processor(directory: str | Path) -> Processor:
+    """Load a processor written by `save` (inside a checkpoint)."""
+    directory = Path(directory)
+    meta = json.loads(Path(directory, _META).read_text())
+    if meta["kind"] == "text":
+        return TextProcessor(AutoTokenizer.from_pretrained(directory), max_length=meta["max_length"])
+    if meta["kind"] == "audio":
+        return AudioProcessor(AutoFeatureExtractor.from_pretrained(directory), max_seconds=meta["max_seconds"])
+    return ImageProcessor(AutoImageProcessor.from_pretrained(directory, backend="pil"))

@@ -1,0 +1,191 @@
+"""In-process training run: data → model → epochs (train, validate, checkpoint) → test evaluation.
+
+`cman train` uses Ray (jobs/train.py) for the same steps; this module holds the pieces both share: building the data
+loaders, the model and optimiser for a config, checkpoint writing with resumable state, and the final test report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from cman.config import CMANConfig
+from cman.data.dataset import CMANDataset, Collator, Item, load_split
+from cman.losses import CMANLoss
+from cman.metrics import format_table
+from cman.models.cman import CMAN, build_model
+from cman.training import (
+    amp_dtype,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    load_training_state,
+    resolve_device,
+    save_training_state,
+    train_epoch,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def data_root(config: CMANConfig) -> Path:
+    if not config.data.root:
+        raise ValueError("data.root is not set: point it at a dataset in the seed layout (see `cman demo-data`)")
+    return Path(config.data.root)
+
+
+def load_items(config: CMANConfig, split: str) -> list[Item]:
+    return load_split(data_root(config), split, config.data.max_items)
+
+
+def make_loader(
+    config: CMANConfig,
+    model: CMAN,
+    items: list[Item],
+    *,
+    train: bool,
+    sampler: Sampler | None = None,
+    batch_size: int | None = None,
+) -> DataLoader:
+    dataset = CMANDataset(items, model.processors, config.data.skip_bad_items, cache=config.data.cache_features)
+    generator = torch.Generator().manual_seed(config.training.seed)
+    size = batch_size or (config.training.batch_size if train else config.training.eval_batch_size)
+    return DataLoader(
+        dataset,
+        batch_size=size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        drop_last=train and len(dataset) > size,
+        collate_fn=Collator(model.processors),
+        num_workers=config.data.num_workers,
+        generator=generator,
+    )
+
+
+@dataclass
+class TrainState:
+    """Everything that moves between epochs, and what a resume restores."""
+
+    model: CMAN
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: CMANLoss
+    epoch: int = 0
+    best_rsum: float = -math.inf
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def save(self, directory: Path, metrics: dict[str, Any] | None = None) -> Path:
+        extra = {"epoch": self.epoch, "best_rsum": self.best_rsum, "history": self.history}
+        return self.model.save_pretrained(
+            directory,
+            metadata={"epoch": self.epoch, "metrics": metrics or {}},
+            extra_files=lambda tmp: save_training_state(tmp, self.optimizer, self.scheduler, extra),
+        )
+
+
+def create_state(config: CMANConfig, train_items: list[Item], steps_per_epoch: int,
+                 resume_from: Path | None = None) -> TrainState:
+    """A fresh model/optimiser/scheduler, or those of `resume_from` (a checkpoint with training state)."""
+    if resume_from is not None:
+        model = CMAN.from_pretrained(resume_from, trainable=True)
+    else:
+        model = build_model(config, captions=[i.caption for i in train_items if i.caption])
+    model.set_gradient_checkpointing(config.training.gradient_checkpointing)
+    tc = config.training
+    optimizer = build_optimizer(model, tc)
+    total_steps = tc.epochs * math.ceil(steps_per_epoch / tc.grad_accum)
+    scheduler = build_scheduler(optimizer, total_steps, tc.warmup_ratio)
+    state = TrainState(model, optimizer, scheduler, CMANLoss.from_config(config.loss))
+    if resume_from is not None:
+        extra = load_training_state(resume_from, optimizer, scheduler)
+        state.epoch, state.best_rsum, state.history = extra["epoch"], extra["best_rsum"], extra["history"]
+        logger.info("resumed from %s at epoch %d", resume_from, state.epoch)
+    return state
+
+
+def resumable_checkpoint(output_dir: Path) -> Path | None:
+    last = output_dir / "checkpoints" / "last"
+    return last if (last / "training_state.json").is_file() else None
+
+
+def write_eval(output_dir: Path, split: str, result: dict[str, Any]) -> Path:
+    path = Path(output_dir) / f"eval_{split}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"split": split, **result}, indent=2))
+    return path
+
+
+def fit(config: CMANConfig, output_dir: str | Path, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Train in this process; writes checkpoints/{best,last} and eval_<test split>.json under `output_dir`."""
+    output_dir = Path(output_dir).resolve()
+    tc = config.training
+    seed_everything(tc.seed)
+    train_items, val_items = load_items(config, config.data.train_split), load_items(config, config.data.val_split)
+    steps = max(1, len(train_items) // tc.batch_size)
+    resume_from = resumable_checkpoint(output_dir) if resume else None
+    state = create_state(config, train_items, steps, resume_from)
+    device = resolve_device(config.ray.use_gpu)
+    state.model.to(device)
+    dtype = amp_dtype(device, tc.mixed_precision)
+    scaler = torch.amp.GradScaler() if dtype == torch.float16 else None
+    train_loader = make_loader(config, state.model, train_items, train=True)
+    val_loader = make_loader(config, state.model, val_items, train=False)
+    (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    config.save(output_dir / "config.yaml")
+    while state.epoch < tc.epochs:
+        torch.manual_seed(tc.seed + state.epoch)
+        stats = train_epoch(state.model, train_loader, state.loss_fn, state.optimizer, state.scheduler,
+                            device=device, dtype=dtype, scaler=scaler, grad_accum=tc.grad_accum,
+                            grad_clip=tc.grad_clip, progress=progress, desc=f"epoch {state.epoch + 1}/{tc.epochs}")
+        val = evaluate(state.model, val_loader, device, dtype)
+        state.epoch += 1
+        record = {"epoch": state.epoch, "train_loss": stats["loss"], "val_rsum": val["rsum"],
+                  "seconds": stats["seconds"]}
+        state.history.append(record)
+        logger.info("epoch %d/%d  loss %.4f  val rsum %.1f  (%.1fs)", state.epoch, tc.epochs, stats["loss"],
+                    val["rsum"], stats["seconds"])
+        if val["rsum"] > state.best_rsum:
+            state.best_rsum = val["rsum"]
+            state.save(output_dir / "checkpoints" / "best", val)
+        state.save(output_dir / "checkpoints" / "last", val)
+    return finish(config, output_dir, state.history, progress)
+
+
+def finish(config: CMANConfig, output_dir: Path, history: list[dict[str, Any]], progress: bool = False) -> dict[str, Any]:
+    """Evaluate checkpoints/best on the test split, write eval_<split>.json, return the report."""
+    split = config.data.test_split
+    result = evaluate_checkpoint(output_dir / "checkpoints" / "best", split, config.data.root, progress=progress)
+    path = write_eval(output_dir, split, result)
+    logger.info("test metrics written to %s", path)
+    return {"history": history, "test": result, "eval_path": str(path)}
+
+
+def evaluate_checkpoint(checkpoint: str | Path, split: str, root: str | None = None,
+                        progress: bool = False) -> dict[str, Any]:
+    """Load `checkpoint` and compute six-direction metrics on `split` of its (or `root`'s) dataset."""
+    model = CMAN.from_pretrained(checkpoint)
+    config = model.config
+    if root is not None:
+        config = config.with_overrides({"data.root": str(root)})
+    device = resolve_device(config.ray.use_gpu)
+    model.to(device)
+    loader = make_loader(config, model, load_items(config, split), train=False)
+    return evaluate(model, loader, device, amp_dtype(device, config.training.mixed_precision), progress)
+
+
+__all__ = ["TrainState", "create_state", "evaluate_checkpoint", "finish", "fit", "format_table", "make_loader"]

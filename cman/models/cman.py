@@ -1,0 +1,226 @@
+"""The CMAN model: per-modality encoders + shared fusion transformer; save_pretrained / from_pretrained."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cman.config import CMANConfig, from_dict
+from cman.data.processors import Processor, build_processor, load_processor
+from cman.modality import Modality
+from cman.models.encoders import ModalityEncoder, build_encoder, fingerprint, load_backbone
+from cman.models.fusion import FusionTransformer
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "cman-checkpoint/1"
+Features = dict[str, torch.Tensor]
+
+
+class CMAN(nn.Module):
+    """Encoders (ModuleDict keyed by modality) → fusion transformer → 512-d L2-normalised embeddings."""
+
+    def __init__(self, config: CMANConfig, encoders: dict[Modality, ModalityEncoder], processors: dict) -> None:
+        super().__init__()
+        self.config = config
+        self.encoders = nn.ModuleDict({Modality(m).value: enc for m, enc in encoders.items()})
+        mc = config.model
+        self.fusion = FusionTransformer(mc.fusion, mc.embedding_dim, mc.dropout)
+        self.processors: dict[Modality, Processor] = dict(processors)
+
+    @property
+    def modalities(self) -> list[Modality]:
+        return [Modality(m) for m in self.encoders]
+
+    def encode(self, modality: Modality, features: Features) -> tuple[torch.Tensor, torch.Tensor]:
+        """One modality's fusion-width tokens (batch, seq, width) and mask (batch, seq)."""
+        return self.encoders[Modality(modality).value](features)
+
+    def fuse(self, streams: dict[Modality, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        return self.fusion(streams)  # (batch, embedding_dim)
+
+    def embed(self, inputs: dict[Modality, Features]) -> torch.Tensor:
+        """A composed embedding of all modalities in `inputs` (same batch size each). # (batch, embedding_dim)"""
+        return self.fuse({Modality(m): self.encode(m, feats) for m, feats in inputs.items()})
+
+    def forward(self, inputs: dict[Modality, Features]) -> dict[Modality, torch.Tensor]:
+        """Each modality embedded on its own: modality → (batch_m, embedding_dim)."""
+        return {Modality(m): self.fuse({Modality(m): self.encode(m, feats)}) for m, feats in inputs.items()}
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        for enc in self.encoders.values():
+            base = _base_model(enc.backbone)
+            if enabled and getattr(base, "supports_gradient_checkpointing", False):
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            elif not enabled and getattr(base, "is_gradient_checkpointing", False):
+                base.gradient_checkpointing_disable()
+
+    def merge_adapters(self) -> CMAN:
+        """Fold LoRA into the base weights (for inference); outputs are unchanged."""
+        for enc in self.encoders.values():
+            if isinstance(enc.backbone, PeftModel):
+                enc.backbone = enc.backbone.merge_and_unload()
+        return self
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        metadata: dict[str, Any] | None = None,
+        extra_files: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """Write config.yaml, metadata.json, adapters/weights (safetensors) and processors; atomic per directory.
+
+        `extra_files(tmp_dir)` may add files (e.g. optimiser state) before the directory is swapped in.
+        """
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            self._write(tmp, metadata or {})
+            if extra_files is not None:
+                extra_files(tmp)
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                directory.rename(old)
+                tmp.rename(directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    def _write(self, out: Path, metadata: dict[str, Any]) -> None:
+        self.config.save(out / "config.yaml")
+        bases = {}
+        for name, enc in self.encoders.items():
+            mod_dir = out / "encoders" / name
+            ecfg = self.config.model.encoder(Modality(name))
+            saves_base = ecfg.init is not None or not ecfg.freeze_base
+            if isinstance(enc.backbone, PeftModel):
+                enc.backbone.save_pretrained(mod_dir / "adapter")
+            if saves_base or not isinstance(enc.backbone, PeftModel):
+                _save_base(enc.backbone, mod_dir / "base")
+            self.processors[Modality(name)].save(mod_dir / "processor")
+            bases[name] = {
+                "source": ecfg.pretrained or "random-init",
+                "saved_base": saves_base or not isinstance(enc.backbone, PeftModel),
+                "fingerprint": fingerprint(enc.base_config),
+            }
+        heads = {k: v.detach().contiguous() for k, v in self.state_dict().items() if ".backbone." not in k}
+        save_file(heads, str(out / "heads.safetensors"))
+        trainable, total = count_parameters(self)
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "modalities": [m.value for m in self.modalities],
+            "base_models": bases,
+            "parameters": {"trainable": trainable, "total": total},
+            **metadata,
+        }
+        (out / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, trainable: bool = False) -> CMAN:
+        """Load a checkpoint written by `save_pretrained`; nothing else is needed."""
+        directory = Path(directory)
+        meta_path = directory / "metadata.json"
+        if not meta_path.is_file() or not (directory / "config.yaml").is_file():
+            raise FileNotFoundError(f"{directory} is not a CMAN checkpoint (no metadata.json / config.yaml)")
+        import yaml
+
+        meta = json.loads(meta_path.read_text())
+        config = from_dict(yaml.safe_load((directory / "config.yaml").read_text()))
+        encoders, processors = {}, {}
+        for name, base_meta in meta["base_models"].items():
+            modality = Modality(name)
+            mod_dir = directory / "encoders" / name
+            ecfg = config.model.encoder(modality)
+            base_dir = mod_dir / "base"
+            backbone = load_backbone(ecfg, source=str(base_dir) if base_meta["saved_base"] else None)
+            _check_fingerprint(name, base_meta, backbone.config, directory)
+            if (mod_dir / "adapter").is_dir():
+                backbone = PeftModel.from_pretrained(backbone, mod_dir / "adapter", is_trainable=trainable)
+            if trainable and not ecfg.freeze_base:
+                for param in backbone.parameters():
+                    param.requires_grad = True
+            mc = config.model
+            encoders[modality] = ModalityEncoder(modality, backbone, mc.fusion.width, mc.dropout, mc.max_tokens)
+            processors[modality] = load_processor(mod_dir / "processor")
+        model = cls(config, encoders, processors)
+        heads = load_file(str(directory / "heads.safetensors"))
+        missing, unexpected = model.load_state_dict(heads, strict=False)
+        missing = [k for k in missing if ".backbone." not in k]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {directory}: heads do not match the model (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+        if not trainable:
+            model.eval()
+            model.requires_grad_(False)
+        model.checkpoint_metadata = meta
+        return model
+
+
+def _base_model(backbone: nn.Module) -> nn.Module:
+    return backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
+
+
+def _save_base(backbone: nn.Module, directory: Path) -> None:
+    """Save the plain base weights (LoRA layers stripped) as a standard HF model directory."""
+    base = _base_model(backbone)
+    state = {
+        k.replace(".base_layer.", "."): v
+        for k, v in base.state_dict().items()
+        if "lora_" not in k
+    }
+    base.save_pretrained(directory, state_dict=state)
+
+
+def _check_fingerprint(name: str, base_meta: dict, config: Any, directory: Path) -> None:
+    expected, actual = base_meta["fingerprint"], fingerprint(config)
+    diff = {k: (expected[k], actual.get(k)) for k in expected if actual.get(k) != expected[k]}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a} vs base {b}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"checkpoint {directory}: the {name} base model {base_meta['source']!r} does not match the one the "
+            f"adapters were trained on ({detail}); point model.{name}.pretrained at the original base"
+        )
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def build_model(config: CMANConfig, captions: Iterable[str] | None = None) -> CMAN:
+    """A fresh model for `config`; `captions` train the tokenizer of a random-init text encoder."""
+    mc = config.model
+    torch.manual_seed(config.training.seed)
+    captions = list(captions) if captions is not None else None
+    encoders, processors = {}, {}
+    for modality in mc.modalities:
+        ecfg = mc.encoder(modality)
+        proc = build_processor(modality, ecfg, captions)
+        vocab = len(proc.tokenizer) if modality == Modality.TEXT else None
+        encoders[modality] = build_encoder(
+            modality, ecfg, config.peft, mc.fusion.width, mc.dropout, mc.max_tokens, vocab_size=vocab
+        )
+        processors[modality] = proc
+    model = CMAN(config, encoders, processors)
+    trainable, total = count_parameters(model)
+    logger.info("CMAN built: %s trainable / %s total parameters (%.2f %%)", f"{trainable:,}", f"{total:,}",
+                100 * trainable / max(total, 1))
+    return model

@@ -1,0 +1,119 @@
+"""One modality's encoder: an HF backbone (hub id, local dir or random init) with LoRA, projected to fusion width."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig
+
+from cman.config import EncoderConfig, PeftConfig
+from cman.modality import Modality
+from cman.models.lora import add_lora, lora_targets
+
+logger = logging.getLogger(__name__)
+
+# Fields of a backbone config that must match between a checkpoint's adapters and the base they are loaded onto.
+FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "vocab_size", "patch_size", "image_size", "num_mel_bins", "max_length")
+
+
+def fingerprint(config: PretrainedConfig) -> dict[str, Any]:
+    return {k: getattr(config, k) for k in FINGERPRINT_KEYS if getattr(config, k, None) is not None}
+
+
+def load_backbone(cfg: EncoderConfig, vocab_size: int | None = None, source: str | None = None) -> nn.Module:
+    """Load `source` (a saved base) or `cfg.pretrained` with from_pretrained, or build `cfg.init` randomly."""
+    kwargs = {"attn_implementation": "sdpa"}
+    source = source or cfg.pretrained
+    if source is not None:
+        try:
+            return AutoModel.from_pretrained(source, **kwargs)
+        except ValueError:  # architectures without SDPA support
+            return AutoModel.from_pretrained(source)
+    init = dict(cfg.init or {})
+    model_type = init.pop("model_type")
+    if vocab_size is not None and model_type in ("roberta", "bert", "xlm-roberta"):
+        init["vocab_size"] = vocab_size
+    config = AutoConfig.for_model(model_type, **init)
+    return AutoModel.from_config(config, **kwargs)
+
+
+class ModalityEncoder(nn.Module):
+    """HF backbone (+ LoRA) → token sequence projected to the fusion width, with a validity mask."""
+
+    def __init__(
+        self, modality: Modality, backbone: nn.Module, width: int, dropout: float, max_tokens: int
+    ) -> None:
+        super().__init__()
+        self.modality = Modality(modality)
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.proj = nn.Sequential(nn.Linear(hidden, width), nn.LayerNorm(width), nn.Dropout(dropout))
+        self.max_tokens = max_tokens
+
+    @property
+    def base_config(self) -> PretrainedConfig:
+        return self.backbone.config
+
+    def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return tokens (batch, seq, width) and mask (batch, seq), True where a token is real."""
+        if self.modality == Modality.TEXT:
+            out = self.backbone(input_ids=features["input_ids"], attention_mask=features["attention_mask"])
+            mask = features["attention_mask"].bool()  # (batch, tokens)
+        elif self.modality == Modality.IMAGE:
+            out = self.backbone(pixel_values=features["pixel_values"])
+            mask = None
+        elif "attention_mask" in features:  # waveform models (HuBERT, wav2vec2)
+            out = self.backbone(input_values=features["input_values"], attention_mask=features["attention_mask"])
+            lengths = self._frame_lengths(features["attention_mask"].sum(-1))
+            mask = torch.arange(out.last_hidden_state.shape[1], device=lengths.device)[None] < lengths[:, None]
+        else:  # spectrogram models (AST)
+            out = self.backbone(input_values=features["input_values"])
+            mask = None
+        hidden = out.last_hidden_state  # (batch, seq, hidden)
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        tokens = self.proj(hidden)  # (batch, seq, width)
+        return _limit_tokens(tokens, mask, self.max_tokens)
+
+    def _frame_lengths(self, sample_lengths: torch.Tensor) -> torch.Tensor:
+        base = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+        return base._get_feat_extract_output_lengths(sample_lengths).long()
+
+
+def _limit_tokens(tokens: torch.Tensor, mask: torch.Tensor, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked average pooling of long sequences down to `max_tokens` (first token kept as is)."""
+    seq = tokens.shape[1]
+    if seq <= max_tokens:
+        return tokens, mask
+    first, rest, rest_mask = tokens[:, :1], tokens[:, 1:], mask[:, 1:].to(tokens.dtype)
+    bins = max_tokens - 1
+    summed = nn.functional.adaptive_avg_pool1d((rest * rest_mask[..., None]).transpose(1, 2), bins)  # (b, w, bins)
+    counts = nn.functional.adaptive_avg_pool1d(rest_mask[:, None, :], bins)  # (batch, 1, bins)
+    pooled = (summed / counts.clamp_min(1e-6)).transpose(1, 2)  # (batch, bins, width)
+    pooled_mask = torch.cat([mask[:, :1], counts[:, 0] > 0], dim=1)  # (batch, max_tokens)
+    return torch.cat([first, pooled], dim=1), pooled_mask
+
+
+def build_encoder(
+    modality: Modality,
+    cfg: EncoderConfig,
+    peft: PeftConfig,
+    width: int,
+    dropout: float,
+    max_tokens: int,
+    vocab_size: int | None = None,
+) -> ModalityEncoder:
+    backbone = load_backbone(cfg, vocab_size=vocab_size)
+    model_type = backbone.config.model_type
+    if peft.enabled:
+        override = (peft.target_modules or {}).get(Modality(modality).value)
+        targets = lora_targets(backbone, model_type, override)
+        backbone = add_lora(backbone, peft, targets, freeze_base=cfg.freeze_base)
+    else:
+        for param in backbone.parameters():
+            param.requires_grad = not cfg.freeze_base
+    return ModalityEncoder(modality, backbone, width, dropout, max_tokens)
