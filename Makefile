@@ -1,0 +1,29 @@
+# `make demo` and `make test` install everything themselves (into .venv) the first time.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[ray,dev]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/cman quickstart
+
+test: install
+	RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider --timeout 900
+
+lint: install
+	$(VENV)/bin/ruff check cman jobs tuning serve_app bench tests
+	$(VENV)/bin/ruff format --check cman jobs tuning serve_app bench tests
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,280 @@
+"""`cman` command line. Every subcommand has --help; bad input is one clear line on stderr and a non-zero exit.
+
+Ray, MLflow and Serve live outside the library (jobs/, tuning/, serve_app/) and are imported only by the
+subcommands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("cman")
+
+EXAMPLES = """examples:
+  cman demo-data data/demo                         # embedded offline dataset
+  cman train --config configs/demo.yaml            # Ray Train (local Ray unless RAY_ADDRESS is set)
+  cman eval --config configs/demo.yaml --checkpoint outputs/demo/checkpoints/best
+  cman quickstart                                  # demo data -> tune -> index -> serve, offline
+"""
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set training.epochs=3 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cman", description="Cross-modal retrieval across text, speech and images.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo-data", help="write the embedded offline tri-modal dataset")
+    p.add_argument("out_dir", help="output directory (seed layout)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=["small", "medium"], default="small")
+    p.set_defaults(func=cmd_demo_data)
+
+    data = sub.add_parser("data", help="dataset tools: validate, import-digits, import-coco")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = dsub.add_parser("validate", help="check every item of every split; list all problems, exit 1 if any")
+    _config_args(p)
+    p.add_argument("--split", action="append", help="only these splits (default: train, val, test)")
+    p.set_defaults(func=cmd_validate)
+    p = dsub.add_parser("import-digits", help="real spoken digits (FSDD) + handwritten digits + number words")
+    p.add_argument("out_dir")
+    p.add_argument("--fsdd", default="../shared/data/fsdd", help="FSDD directory (with recordings/)")
+    p.add_argument("--test-speakers", default="theo", help="comma-separated speakers held out for test")
+    p.add_argument("--val-speakers", default="george", help="comma-separated speakers for validation")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_import_digits)
+    p = dsub.add_parser("import-coco", help="COCO-style photos with 5 captions each (+ espeak-ng spoken captions)")
+    p.add_argument("coco_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_import_coco)
+
+    p = sub.add_parser("train", help="train a model (Ray Train; --in-process for a plain loop)")
+    _config_args(p)
+    p.add_argument("--output_dir", "--output-dir", dest="output_dir")
+    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--debug", action="store_true", help="tiny run: 2 epochs on 64 items per split")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--in-process", action="store_true", help="train in this process without Ray")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT_DIR holds a run")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="six-direction retrieval metrics of a checkpoint")
+    _config_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--output_dir", "--output-dir", dest="output_dir")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("tune", help="Ray Tune + Optuna sweep over LoRA rank/alpha, margin and learning rate")
+    _config_args(p)
+    p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int)
+    p.add_argument("--max-concurrent", "--max_concurrent", dest="max_concurrent", type=int)
+    p.add_argument("--output_dir", "--output-dir", dest="output_dir")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in OUTPUT_DIR")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("index", help="build the FAISS gallery index of a dataset split")
+    _config_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", required=True, help="index directory")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("serve", help="serve HTTP search (Ray Serve) over a checkpoint and an index")
+    p.add_argument("--checkpoint", help="default: the quickstart output or MLflow's cman@champion")
+    p.add_argument("--index", help="index directory (default: the quickstart index)")
+    p.add_argument("--config", help="config whose `serve:` section sets batching/limits (default: checkpoint's)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("quickstart", help="the main job, offline: demo-data -> tune -> index -> serve")
+    p.add_argument("--output_dir", "--output-dir", dest="output_dir", default="outputs/quickstart")
+    p.add_argument("--num-samples", dest="num_samples", type=int, default=None, help="sweep trials (default 4)")
+    p.add_argument("--no-serve", action="store_true", help="stop after the index (no HTTP service)")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+# ---- commands ------------------------------------------------------------------------------------------------------
+def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None):
+    from cman.config import load_config
+
+    overrides: dict[str, Any] = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. training.epochs=3")
+        overrides[key.strip()] = value
+    overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
+    return load_config(args.config, overrides)
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from cman.data.demo import generate_demo_dataset
+
+    counts = generate_demo_dataset(args.out_dir, seed=args.seed, size=args.size)
+    print(f"demo dataset written to {args.out_dir}: {counts}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from cman.data.dataset import load_split, problems_in_split
+    from cman.data.processors import build_processor
+
+    config = _load(args)
+    splits = args.split or [config.data.train_split, config.data.val_split, config.data.test_split]
+    items = {s: load_split(config.data.root or ".", s) for s in splits}
+    captions = [i.caption for i in items[splits[0]] if i.caption]
+    processors = {m: build_processor(m, config.model.encoder(m), captions) for m in config.model.modalities}
+    problems = []
+    for split, split_items in items.items():
+        found = problems_in_split(split_items, processors)
+        print(f"{split}: {len(split_items)} items, {len(found)} problems")
+        problems += [f"{split}: {p}" for p in found]
+    for problem in problems:
+        print(problem)
+    return 1 if problems else 0
+
+
+def cmd_import_digits(args: argparse.Namespace) -> int:
+    from cman.data.importers import import_digits
+
+    counts = import_digits(args.fsdd, args.out_dir, test_speakers=tuple(_csv(args.test_speakers)),
+                           val_speakers=tuple(_csv(args.val_speakers)), seed=args.seed)
+    print(f"digits dataset written to {args.out_dir}: {counts}")
+    return 0
+
+
+def cmd_import_coco(args: argparse.Namespace) -> int:
+    from cman.data.importers import import_coco
+
+    counts = import_coco(args.coco_dir, args.out_dir, seed=args.seed)
+    print(f"COCO dataset written to {args.out_dir}: {counts} (spoken captions are synthetic, espeak-ng)")
+    return 0
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    extra: dict[str, Any] = {"training.batch_size": args.batch_size, "training.epochs": args.epochs}
+    if args.debug:
+        extra.update({"training.debug": True, "data.max_items": 64})
+        extra["training.epochs"] = args.epochs or 2
+    if args.output_dir:
+        extra["output_dir"] = args.output_dir
+    return extra
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cman.metrics import format_table
+
+    config = _load(args, _train_overrides(args))
+    output_dir = Path(config.output_dir).resolve()
+    if args.in_process:
+        from cman.engine import fit
+
+        report = fit(config, output_dir, resume=not args.no_resume)
+    else:
+        from jobs.train import run_training
+
+        report = run_training(config, output_dir, address=args.address, resume=not args.no_resume)
+    print(format_table(report["test"]))
+    print(f"checkpoints: {output_dir / 'checkpoints'}  metrics: {report['eval_path']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from cman.engine import evaluate_checkpoint, write_eval
+    from cman.metrics import format_table
+
+    config = _load(args)
+    result = evaluate_checkpoint(args.checkpoint, args.split, root=config.data.root, progress=True)
+    out = Path(args.output_dir or config.output_dir)
+    path = write_eval(out, args.split, result)
+    print(format_table(result))
+    print(f"written to {path}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from tuning.sweep import run_sweep
+
+    extra = {"tune.num_samples": args.num_samples, "tune.max_concurrent": args.max_concurrent,
+             "output_dir": args.output_dir}
+    config = _load(args, extra)
+    run_sweep(config, Path(config.output_dir).resolve(), resume=args.resume, address=args.address)
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from jobs.build_index import build_index
+
+    config = _load(args)
+    summary = build_index(args.checkpoint, args.split, args.out, root=config.data.root, kind=config.serve.index_kind)
+    print(f"index written to {args.out}: {summary}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serve_app.run import serve_forever
+
+    serve_forever(checkpoint=args.checkpoint, index=args.index, config=args.config, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from serve_app.quickstart import quickstart
+
+    quickstart(Path(args.output_dir), num_samples=args.num_samples, serve=not args.no_serve, port=args.port)
+    return 0
+
+
+# ---- entry point ---------------------------------------------------------------------------------------------------
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "huggingface_hub", "peft", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    _quiet_libraries()
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("cman: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one clear line, no traceback (unless -v)
+        if args.verbose:
+            raise
+        name = type(err).__name__
+        prefix = "" if name in ("ValueError", "ConfigError", "DataError") else f"{name}: "
+        print(f"cman {args.command}: error: {prefix}{err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
