@@ -148,22 +148,41 @@ def fit(config: CMANConfig, output_dir: str | Path, resume: bool = True, progres
     (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     config.save(output_dir / "config.yaml")
     while state.epoch < tc.epochs:
-        torch.manual_seed(tc.seed + state.epoch)
-        stats = train_epoch(state.model, train_loader, state.loss_fn, state.optimizer, state.scheduler,
-                            device=device, dtype=dtype, scaler=scaler, grad_accum=tc.grad_accum,
-                            grad_clip=tc.grad_clip, progress=progress, desc=f"epoch {state.epoch + 1}/{tc.epochs}")
+        stats = train_one_epoch(config, state, train_loader, device, dtype, scaler, progress=progress)
         val = evaluate(state.model, val_loader, device, dtype)
-        state.epoch += 1
-        record = {"epoch": state.epoch, "train_loss": stats["loss"], "val_rsum": val["rsum"],
-                  "seconds": stats["seconds"]}
-        state.history.append(record)
-        logger.info("epoch %d/%d  loss %.4f  val rsum %.1f  (%.1fs)", state.epoch, tc.epochs, stats["loss"],
-                    val["rsum"], stats["seconds"])
-        if val["rsum"] > state.best_rsum:
-            state.best_rsum = val["rsum"]
+        _, improved = end_epoch(config, state, stats, val)
+        if improved:
             state.save(output_dir / "checkpoints" / "best", val)
         state.save(output_dir / "checkpoints" / "last", val)
     return finish(config, output_dir, state.history, progress)
+
+
+def train_one_epoch(config: CMANConfig, state: TrainState, loader: DataLoader, device: torch.device,
+                    dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None, *,
+                    model: torch.nn.Module | None = None, progress: bool = True) -> dict[str, float]:
+    """Train `state` for one epoch (seeded by epoch number, so a resumed run repeats it exactly).
+
+    `model` is what runs forward/backward: `state.model` itself, or a DDP wrapper of it (jobs/train.py).
+    """
+    tc = config.training
+    torch.manual_seed(tc.seed + state.epoch)
+    return train_epoch(model or state.model, loader, state.loss_fn, state.optimizer, state.scheduler,
+                       device=device, dtype=dtype, scaler=scaler, grad_accum=tc.grad_accum, grad_clip=tc.grad_clip,
+                       progress=progress, desc=f"epoch {state.epoch + 1}/{tc.epochs}")
+
+
+def end_epoch(config: CMANConfig, state: TrainState, stats: dict[str, float],
+              val: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Advance the epoch, append its history record; True if `val` improved on the best rsum so far."""
+    state.epoch += 1
+    record = {"epoch": state.epoch, "train_loss": stats["loss"], "val_rsum": val["rsum"], "seconds": stats["seconds"]}
+    state.history.append(record)
+    logger.info("epoch %d/%d  loss %.4f  val rsum %.1f  (%.1fs)", state.epoch, config.training.epochs, stats["loss"],
+                val["rsum"], stats["seconds"])
+    improved = val["rsum"] > state.best_rsum
+    if improved:
+        state.best_rsum = val["rsum"]
+    return record, improved
 
 
 def finish(config: CMANConfig, output_dir: Path, history: list[dict[str, Any]], progress: bool = False) -> dict[str, Any]:
@@ -188,4 +207,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str, root: str | None = N
     return evaluate(model, loader, device, amp_dtype(device, config.training.mixed_precision), progress)
 
 
-__all__ = ["TrainState", "create_state", "evaluate_checkpoint", "finish", "fit", "format_table", "make_loader"]
+__all__ = [
+    "TrainState", "create_state", "end_epoch", "evaluate_checkpoint", "finish", "fit", "format_table", "make_loader",
+    "train_one_epoch",
+]
