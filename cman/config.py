@@ -36,6 +36,10 @@ class EncoderConfig(_Section):
     max_length: int | None = Field(default=None, gt=0, description="text tokens / audio fbank frames")
     max_seconds: float = Field(default=10.0, gt=0, description="audio clips are cut to this length")
     image_size: int | None = Field(default=None, gt=0, description="random-init image encoders: input size")
+    length_percentile: float | None = Field(
+        default=None, gt=0, le=100,
+        description="random-init AST: set max_length (fbank frames) to cover this percentile of the training clips",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> EncoderConfig:
@@ -116,6 +120,9 @@ class DataConfig(_Section):
     skip_bad_items: bool = False
     cache_features: bool = Field(default=True, description="keep preprocessed features in memory across epochs")
     num_workers: int = Field(default=0, ge=0)
+    cache_dir: str | None = Field(
+        default=None, description="memory-mapped preprocessing cache (cman.data.cache); keyed by processor + files"
+    )
     max_items: int | None = Field(default=None, gt=0, description="use only the first N items of each split")
 
 
@@ -131,6 +138,8 @@ class TrainingConfig(_Section):
     grad_accum: int = Field(default=1, ge=1)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+    compile: bool = Field(default=False, description="torch.compile the model (CUDA; slow to start on CPU)")
+    fused_adamw: bool = Field(default=False, description="fused AdamW kernel (CUDA only; ignored on CPU)")
     seed: int = 0
     debug: bool = False
 

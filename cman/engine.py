@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from cman.config import CMANConfig
+from cman.data.cache import FeatureCache, fit_audio_length
 from cman.data.dataset import CMANDataset, Collator, Item, load_split
 from cman.losses import CMANLoss
 from cman.metrics import format_table
@@ -62,7 +63,9 @@ def make_loader(
     sampler: Sampler | None = None,
     batch_size: int | None = None,
 ) -> DataLoader:
-    dataset = CMANDataset(items, model.processors, config.data.skip_bad_items, cache=config.data.cache_features)
+    store = FeatureCache(config.data.cache_dir, items, model.processors) if config.data.cache_dir else None
+    dataset = CMANDataset(items, model.processors, config.data.skip_bad_items, cache=config.data.cache_features,
+                          store=store)
     generator = torch.Generator().manual_seed(config.training.seed)
     size = batch_size or (config.training.batch_size if train else config.training.eval_batch_size)
     return DataLoader(
@@ -104,10 +107,11 @@ def create_state(config: CMANConfig, train_items: list[Item], steps_per_epoch: i
     if resume_from is not None:
         model = CMAN.from_pretrained(resume_from, trainable=True)
     else:
+        config = fit_audio_length(config, train_items)
         model = build_model(config, captions=[i.caption for i in train_items if i.caption])
     model.set_gradient_checkpointing(config.training.gradient_checkpointing)
     tc = config.training
-    optimizer = build_optimizer(model, tc)
+    optimizer = build_optimizer(model, tc, fused=tc.fused_adamw)
     total_steps = tc.epochs * math.ceil(steps_per_epoch / tc.grad_accum)
     scheduler = build_scheduler(optimizer, total_steps, tc.warmup_ratio)
     state = TrainState(model, optimizer, scheduler, CMANLoss.from_config(config.loss))
@@ -116,6 +120,14 @@ def create_state(config: CMANConfig, train_items: list[Item], steps_per_epoch: i
         state.epoch, state.best_rsum, state.history = extra["epoch"], extra["best_rsum"], extra["history"]
         logger.info("resumed from %s at epoch %d", resume_from, state.epoch)
     return state
+
+
+def compile_model(model: CMAN, enabled: bool) -> CMAN:
+    """torch.compile each encoder and the fusion in place (parameter names and checkpoints are unchanged)."""
+    if enabled:
+        for module in [*model.encoders.values(), model.fusion]:
+            module.compile(dynamic=True)
+    return model
 
 
 def resumable_checkpoint(output_dir: Path) -> Path | None:
@@ -130,8 +142,17 @@ def write_eval(output_dir: Path, split: str, result: dict[str, Any]) -> Path:
     return path
 
 
-def fit(config: CMANConfig, output_dir: str | Path, resume: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Train in this process; writes checkpoints/{best,last} and eval_<test split>.json under `output_dir`."""
+def fit(
+    config: CMANConfig,
+    output_dir: str | Path,
+    resume: bool = True,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train in this process; writes checkpoints/{best,last} and eval_<test split>.json under `output_dir`.
+
+    `stop_after` ends this call after that many epochs (the run stays resumable: call again to continue).
+    """
     output_dir = Path(output_dir).resolve()
     tc = config.training
     seed_everything(tc.seed)
@@ -140,14 +161,18 @@ def fit(config: CMANConfig, output_dir: str | Path, resume: bool = True, progres
     resume_from = resumable_checkpoint(output_dir) if resume else None
     state = create_state(config, train_items, steps, resume_from)
     device = resolve_device(config.ray.use_gpu)
-    state.model.to(device)
+    compile_model(state.model.to(device), tc.compile)
     dtype = amp_dtype(device, tc.mixed_precision)
     scaler = torch.amp.GradScaler() if dtype == torch.float16 else None
     train_loader = make_loader(config, state.model, train_items, train=True)
     val_loader = make_loader(config, state.model, val_items, train=False)
     (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     config.save(output_dir / "config.yaml")
+    epochs_run = 0
     while state.epoch < tc.epochs:
+        if stop_after is not None and epochs_run >= stop_after:
+            return {"history": state.history, "test": None, "eval_path": None, "stopped": True}
+        epochs_run += 1
         stats = train_one_epoch(config, state, train_loader, device, dtype, scaler, progress=progress)
         val = evaluate(state.model, val_loader, device, dtype)
         _, improved = end_epoch(config, state, stats, val)
@@ -166,6 +191,8 @@ def train_one_epoch(config: CMANConfig, state: TrainState, loader: DataLoader, d
     """
     tc = config.training
     torch.manual_seed(tc.seed + state.epoch)
+    if getattr(loader, "generator", None) is not None:  # the shuffle order depends only on the epoch too
+        loader.generator.manual_seed(tc.seed + state.epoch)
     return train_epoch(model or state.model, loader, state.loss_fn, state.optimizer, state.scheduler,
                        device=device, dtype=dtype, scaler=scaler, grad_accum=tc.grad_accum, grad_clip=tc.grad_clip,
                        progress=progress, desc=f"epoch {state.epoch + 1}/{tc.epochs}")

@@ -174,10 +174,15 @@ class CMANLoss(nn.Module):
             if a_mod not in embeddings or b_mod not in embeddings:
                 continue
             a, b = embeddings[a_mod], embeddings[b_mod]
-            rows = _mask(present, a_mod, a) & _mask(present, b_mod, b)  # (batch,)
-            if int(rows.sum()) < 2:
+            rows = _mask(present, a_mod, a) & _mask(present, b_mod, b)  # (batch,), on the masks' device
+            count = int(rows.sum())  # host-side when the masks come from the loader (CPU): no device sync
+            if count < 2:
                 continue
-            terms[_pair_name(pair)] = self.pair_loss(a[rows], b[rows], groups.to(rows.device)[rows])
+            if count == rows.numel():  # every row has both: no boolean indexing (it would sync on a GPU)
+                terms[_pair_name(pair)] = self.pair_loss(a, b, groups.to(a.device))
+                continue
+            index = rows.nonzero().squeeze(1).to(a.device)  # (rows,)
+            terms[_pair_name(pair)] = self.pair_loss(a[index], b[index], groups.to(a.device)[index])
         if terms:
             loss = torch.stack(list(terms.values())).mean()
         elif embeddings:
@@ -191,5 +196,5 @@ def _mask(present: dict[Modality, Tensor], modality: Modality, emb: Tensor) -> T
     """Rows of ``emb`` where ``modality`` is present (all rows if ``present`` lacks it). # (batch,)"""
     mask = present.get(modality)
     if mask is None:
-        return torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
-    return mask.to(device=emb.device, dtype=torch.bool)
+        return torch.ones(emb.shape[0], dtype=torch.bool)
+    return mask.to(dtype=torch.bool).cpu()

@@ -87,7 +87,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     out = dict(batch)
     out["inputs"] = {m: {k: v.to(device, non_blocking=True) for k, v in f.items()} for m, f in batch["inputs"].items()}
-    out["present"] = {m: p.to(device) for m, p in batch["present"].items()}
+    out["present"] = dict(batch["present"])  # stays on the host: row selection needs no device sync
     out["groups"] = batch["groups"].to(device)
     return out
 
@@ -98,9 +98,12 @@ def batch_embeddings(model: nn.Module, batch: dict[str, Any]) -> dict[Modality, 
     size = batch["groups"].shape[0]
     full = {}
     for modality, emb in per_modality.items():
-        rows = emb.new_zeros(size, emb.shape[-1])
-        rows[batch["present"][modality]] = emb
-        full[modality] = rows
+        present = batch["present"][modality].cpu()  # (batch,) bool; already on the host in a loader batch
+        if emb.shape[0] == size:  # every row has this modality
+            full[modality] = emb
+            continue
+        index = present.nonzero().squeeze(1).to(emb.device, non_blocking=True)  # (batch_m,)
+        full[modality] = emb.new_zeros(size, emb.shape[-1]).index_copy(0, index, emb)
     return full
 
 

@@ -93,10 +93,12 @@ class CMANDataset(Dataset):
         processors: dict[Modality, Processor],
         skip_bad_items: bool = False,
         cache: bool = False,
+        store: Any | None = None,
     ) -> None:
         self.items = items
         self.processors = processors
         self.skip_bad_items = skip_bad_items
+        self.store = store  # a cman.data.cache.FeatureCache of `items`: features read, not recomputed
         self._cache: dict[int, dict[str, Any] | None] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -112,7 +114,7 @@ class CMANDataset(Dataset):
     def _load(self, index: int) -> dict[str, Any] | None:
         item = self.items[index]
         try:
-            features = self.features(item)
+            features = self.store.features(index) if self.store is not None else self.features(item)
             keys = {m: item.key(m) for m in features}
             return {"id": item.id, "group": item.group, "keys": keys, "features": features}
         except DataError as err:

@@ -1,0 +1,67 @@
+"""Smoke run of bench/train_throughput.py (tiny sizes, not timed): it runs and prints the expected JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = {
+    "preset",
+    "device",
+    "dtype",
+    "batch_size",
+    "steps",
+    "samples_per_s",
+    "flops_per_step",
+    "achieved_flops_per_s",
+    "gemm",
+    "mfu",
+    "loader",
+    "bound",
+    "attention",
+    "parameters",
+    "peak_memory_bytes",
+}
+
+
+def test_train_throughput_smoke(tmp_path):
+    out = tmp_path / "result.json"
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "train_throughput.py"),
+        "--config",
+        "configs/demo.yaml",
+        "--preset",
+        "demo",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "4",
+        "--loader-items",
+        "8",
+        "--gemm-size",
+        "256",
+        "--gemm-seconds",
+        "0.2",
+        "--synthetic",
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert printed == json.loads(out.read_text())
+    assert KEYS <= printed.keys()
+    assert printed["steps"] == 2 and printed["batch_size"] == 4 and printed["dtype"] == "fp32"
+    assert printed["flops_per_step"] > 0 and printed["samples_per_s"] > 0 and 0 < printed["mfu"] < 1.5
+    assert printed["attention"] == {"text": "sdpa", "audio": "sdpa", "image": "sdpa"}
+    loader = printed["loader"]
+    assert loader["items"] == 8 and loader["uncached_samples_per_s"] > 0 and loader["cached_samples_per_s"] > 0
+    assert set(printed["bound"]) == {"uncached", "cached"}
