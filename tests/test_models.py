@@ -1,0 +1,149 @@
+"""Encoders load through from_pretrained, carry LoRA in every attention, fuse any subset, round-trip exactly."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+from tiny import pretrained_config, save_tiny_backbones
+
+from cman.config import CMANConfig
+from cman.modality import ALL_MODALITIES, Modality
+from cman.models import CMAN, build_model, count_parameters
+from cman.models.lora import LORA_TARGETS, lora_module_count
+
+
+@pytest.fixture(scope="module", params=["ast", "hubert"])
+def tiny(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"tiny_{request.param}")
+    dirs = save_tiny_backbones(root, audio=request.param)
+    media = root / "media"
+    media.mkdir()
+    rng = np.random.default_rng(0)
+    sf.write(media / "a.wav", (rng.standard_normal(12000) * 0.1).astype("float32"), 16000)
+    sf.write(media / "b.wav", (rng.standard_normal(20000) * 0.1).astype("float32"), 16000)
+    Image.fromarray((rng.random((40, 50, 3)) * 255).astype("uint8")).save(media / "a.png")
+    Image.fromarray((rng.random((30, 30, 3)) * 255).astype("uint8")).save(media / "b.png")
+    return {"dirs": dirs, "media": media, "audio": request.param}
+
+
+def _batch(model: CMAN, media) -> dict[Modality, dict[str, torch.Tensor]]:
+    sources = {
+        Modality.TEXT: ["a small red circle on the left", "a large blue square"],
+        Modality.AUDIO: [media / "a.wav", media / "b.wav"],
+        Modality.IMAGE: [media / "a.png", media / "b.png"],
+    }
+    out = {}
+    for modality, items in sources.items():
+        proc = model.processors[modality]
+        out[modality] = proc.collate([proc.features(proc.load(s)) for s in items])
+    return out
+
+
+def test_every_encoder_gets_adapters_on_its_attention(tiny):
+    model = build_model(pretrained_config(tiny["dirs"]))
+    for modality in ALL_MODALITIES:
+        backbone = model.encoders[modality.value].backbone
+        model_type = backbone.config.model_type
+        adapted = {n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if hasattr(m, "lora_A") and m.lora_A}
+        assert adapted == set(LORA_TARGETS[model_type]), (modality, adapted)
+        assert lora_module_count(backbone) == 2 * len(LORA_TARGETS[model_type])  # 2 layers
+        # base weights frozen, adapters trainable
+        for name, param in backbone.named_parameters():
+            assert param.requires_grad == ("lora_" in name), name
+
+
+def test_any_subset_gives_normalised_embedding(tiny):
+    model = build_model(pretrained_config(tiny["dirs"])).eval()
+    batch = _batch(model, tiny["media"])
+    seen = []
+    with torch.no_grad():
+        for r in (1, 2, 3):
+            for subset in itertools.combinations(ALL_MODALITIES, r):
+                emb = model.embed({m: batch[m] for m in subset})  # (2, 16)
+                assert emb.shape == (2, 16)
+                torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+                seen.append(emb)
+    # different subsets give different embeddings (modality-type embeddings and tokens matter)
+    assert not torch.allclose(seen[0], seen[-1])
+    with pytest.raises(ValueError, match="at least one modality"):
+        model.embed({})
+
+
+def test_checkpoint_round_trip_identical_embeddings(tiny, tmp_path):
+    model = build_model(pretrained_config(tiny["dirs"]))
+    with torch.no_grad():  # make adapters non-trivial so the round trip proves they are saved
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    model.eval()
+    batch = _batch(model, tiny["media"])
+    with torch.no_grad():
+        before = model(batch)
+        composed = model.embed(batch)
+    model.save_pretrained(tmp_path / "ckpt", metadata={"epoch": 3})
+    files = {p.relative_to(tmp_path / "ckpt").as_posix() for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
+    assert "encoders/text/adapter/adapter_model.safetensors" in files
+    assert "heads.safetensors" in files and "config.yaml" in files
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    assert not any(f.startswith("encoders/") and "/base/" in f for f in files)  # frozen hub bases are not copied
+    loaded = CMAN.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        after = loaded(_batch(loaded, tiny["media"]))
+        composed_after = loaded.embed(_batch(loaded, tiny["media"]))
+    for modality in ALL_MODALITIES:
+        torch.testing.assert_close(after[modality], before[modality], atol=1e-6, rtol=0)
+    torch.testing.assert_close(composed_after, composed, atol=1e-6, rtol=0)
+    meta = json.loads((tmp_path / "ckpt" / "metadata.json").read_text())
+    assert meta["epoch"] == 3 and meta["base_models"]["text"]["source"] == str(tiny["dirs"]["text"])
+    # merged LoRA gives the same outputs
+    loaded.merge_adapters()
+    with torch.no_grad():
+        merged = loaded(_batch(loaded, tiny["media"]))
+    torch.testing.assert_close(merged[Modality.TEXT], before[Modality.TEXT], atol=1e-5, rtol=0)
+
+
+def test_mismatched_base_model_is_a_clear_error(tiny, tmp_path):
+    model = build_model(pretrained_config(tiny["dirs"]))
+    model.save_pretrained(tmp_path / "ckpt")
+    # swap the text base for a different architecture size under the same path
+    from transformers import RobertaConfig, RobertaModel
+
+    other = tmp_path / "other_text"
+    RobertaModel(RobertaConfig(vocab_size=120, hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=40)).save_pretrained(other)
+    cfg_path = tmp_path / "ckpt" / "config.yaml"
+    cfg_path.write_text(cfg_path.read_text().replace(str(tiny["dirs"]["text"]), str(other)))
+    with pytest.raises(ValueError, match=r"text base model .* does not match .*hidden_size: checkpoint 32 vs base 48"):
+        CMAN.from_pretrained(tmp_path / "ckpt")
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a CMAN checkpoint"):
+        CMAN.from_pretrained(tmp_path)
+
+
+def test_default_sizes_keep_lora_trainable_share_near_seed():
+    """roberta-base / AST-base / ViT-base sizes, random-init (no download): LoRA r=8 keeps ~0.57 % of the encoders."""
+    base = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+    cfg = CMANConfig.model_validate({
+        "model": {
+            "text": {"init": {"model_type": "roberta", "vocab_size": 50265, "max_position_embeddings": 514, **base}},
+            "audio": {"init": {"model_type": "audio-spectrogram-transformer", "max_length": 1024, **base}},
+            "image": {"init": {"model_type": "vit", "image_size": 224, "patch_size": 16, **base}},
+        },
+        "peft": {"rank": 8, "alpha": 16},
+    })
+    model = build_model(cfg, captions=["a caption"] * 4)
+    encoders = model.encoders
+    lora = sum(p.numel() for n, p in encoders.named_parameters() if "lora_" in n)
+    backbone_total = sum(p.numel() for e in encoders.values() for p in e.backbone.parameters())
+    share = 100 * lora / backbone_total
+    assert 0.4 < share < 0.8, share  # q,k,v adapters on 3 x 12 layers of 768-d
+    trainable, total = count_parameters(model)
+    assert trainable < 0.1 * total

@@ -1,0 +1,79 @@
+"""Tiny HF backbones and configs for tests: built in code, saved and loaded through `from_pretrained`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import (
+    ASTConfig,
+    ASTFeatureExtractor,
+    ASTModel,
+    HubertConfig,
+    HubertModel,
+    RobertaConfig,
+    RobertaModel,
+    ViTConfig,
+    ViTImageProcessorPil,
+    ViTModel,
+    Wav2Vec2FeatureExtractor,
+)
+
+from cman.config import CMANConfig, load_config
+from cman.data.text import train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+CAPTIONS = [
+    "a small red circle on the left",
+    "a large blue square on the right",
+    "there is a small green star in the middle",
+    "on the left a large yellow triangle",
+]
+_TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def save_tiny_backbones(root: Path, audio: str = "ast") -> dict[str, Path]:
+    """Write tiny RoBERTa / AST-or-HuBERT / ViT checkpoints (+ processors) under `root`; return their dirs."""
+    dirs = {m: root / m for m in ("text", "audio", "image")}
+    tok = train_tokenizer(CAPTIONS * 5, vocab_size=120)
+    RobertaModel(RobertaConfig(vocab_size=len(tok), max_position_embeddings=40, **_TINY)).save_pretrained(dirs["text"])
+    tok.save_pretrained(dirs["text"])
+    if audio == "ast":
+        ASTModel(ASTConfig(num_mel_bins=32, max_length=64, **_TINY)).save_pretrained(dirs["audio"])
+        ASTFeatureExtractor(num_mel_bins=32, max_length=64).save_pretrained(dirs["audio"])
+    else:
+        cfg = HubertConfig(conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=16,
+                           num_conv_pos_embedding_groups=2, **_TINY)
+        HubertModel(cfg).save_pretrained(dirs["audio"])
+        Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True).save_pretrained(dirs["audio"])
+    ViTModel(ViTConfig(image_size=32, patch_size=8, **_TINY)).save_pretrained(dirs["image"])
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(dirs["image"])
+    return dirs
+
+
+def pretrained_config(dirs: dict[str, Path], **overrides: Any) -> CMANConfig:
+    """A config whose encoders load the tiny local checkpoints with `from_pretrained` (LoRA on frozen bases)."""
+    data = {
+        "model": {
+            "text": {"pretrained": str(dirs["text"]), "max_length": 24},
+            "audio": {"pretrained": str(dirs["audio"]), "max_seconds": 1.0},
+            "image": {"pretrained": str(dirs["image"])},
+            "fusion": {"layers": 1, "heads": 2, "width": 32, "ffn": 64},
+            "embedding_dim": 16,
+        },
+        "peft": {"rank": 4, "alpha": 8},
+    }
+    return CMANConfig.model_validate(data).with_overrides(overrides)
+
+
+def tiny_demo_config(root: Path | str, **overrides: Any) -> CMANConfig:
+    """configs/demo.yaml shrunk to 1-layer, 32-wide encoders: trains in seconds."""
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    sets: dict[str, Any] = {"data.root": str(root), "training.epochs": 2, "training.batch_size": 8,
+                            "model.fusion.layers": 1, "model.fusion.width": 32, "model.fusion.ffn": 64,
+                            "model.fusion.heads": 2, "model.embedding_dim": 32}
+    for modality in ("text", "audio", "image"):
+        for key, value in small.items():
+            sets[f"model.{modality}.init.{key}"] = value
+    sets.update(overrides)
+    return load_config(REPO / "configs" / "demo.yaml", sets)
