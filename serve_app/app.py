@@ -1,0 +1,91 @@
+"""`build_app(args) -> Application`: encoders per modality + Retriever + FastAPI ingress, composed by handles.
+
+Used by `serve run serve_app.app:build_app checkpoint=... index_dir=...`, by `serve_app/config.yaml`
+(`serve deploy`), by `cman serve` and by the tests. Nothing is read at import time.
+"""
+
+import math
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+from cman.config import ServeConfig
+from cman.modality import Modality
+
+
+class ServeArgs(BaseModel):
+    """Application arguments: where the checkpoint and the index live, and optional serving settings."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    checkpoint: str = Field(description="CMAN checkpoint directory (CMAN.from_pretrained loads it)")
+    index_dir: str = Field(description="index directory from `cman index` (one GalleryIndex per modality)")
+    config: str | None = Field(
+        default=None,
+        description="YAML config whose `serve:` section is used; default: the checkpoint's own config.yaml",
+    )
+    serve: dict[str, Any] = Field(default_factory=dict, description="overrides of `serve:` keys, e.g. max_batch_size")
+
+
+def resolve_serve_config(args: ServeArgs) -> ServeConfig:
+    """The `serve:` section of `args.config` (or of the checkpoint's config), with `args.serve` applied."""
+    from cman.config import load_config
+
+    checkpoint = Path(args.checkpoint)
+    if not (checkpoint / "metadata.json").is_file():
+        raise FileNotFoundError(
+            f"{checkpoint} is not a CMAN checkpoint (no metadata.json); train one or pass "
+            "--checkpoint pointing at checkpoints/best"
+        )
+    source = Path(args.config) if args.config else checkpoint / "config.yaml"
+    base = load_config(source).serve.model_dump()
+    return ServeConfig.model_validate({**base, **args.serve})
+
+
+def checkpoint_modalities(checkpoint: Path) -> list[str]:
+    import json
+
+    return list(json.loads((checkpoint / "metadata.json").read_text())["base_models"])
+
+
+def build_app(args: ServeArgs) -> Application:
+    """Compose the deployments for `args` (Serve validates the dict of `serve run`/config.yaml into ServeArgs)."""
+    from serve_app.encoders import DEPLOYMENT_NAMES, EncoderDeployment
+    from serve_app.ingress import Ingress
+    from serve_app.retriever import RetrieverDeployment
+
+    if not isinstance(args, ServeArgs):
+        args = ServeArgs.model_validate(args)
+    checkpoint = Path(args.checkpoint).expanduser().resolve()
+    index_dir = Path(args.index_dir).expanduser().resolve()
+    cfg = resolve_serve_config(args.model_copy(update={"checkpoint": str(checkpoint)}))
+    actor = {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica}
+    # Batching only helps if a replica may hold a full batch (plus the next one filling up) at once.
+    ongoing = max(2 * cfg.max_batch_size, 8)
+    encoders = {}
+    for name in checkpoint_modalities(checkpoint):
+        deployment = EncoderDeployment.options(
+            name=DEPLOYMENT_NAMES[Modality(name)], ray_actor_options=actor, max_ongoing_requests=ongoing
+        )
+        encoders[name] = deployment.bind(
+            str(checkpoint),
+            name,
+            cfg.max_batch_size,
+            cfg.batch_wait_timeout_s,
+            cfg.num_cpus_per_replica,
+            cfg.num_gpus_per_replica,
+        )
+    retriever = RetrieverDeployment.options(ray_actor_options=actor, max_ongoing_requests=256, num_replicas=1).bind(
+        encoders, str(checkpoint), str(index_dir), cfg.index_kind, cfg.num_cpus_per_replica, cfg.num_gpus_per_replica
+    )
+    ingress_cpus = min(cfg.num_cpus_per_replica, 1.0)
+    return Ingress.options(ray_actor_options={"num_cpus": ingress_cpus}, max_ongoing_requests=256).bind(
+        retriever, encoders, cfg.model_dump()
+    )
+
+
+def total_cpus(cfg: ServeConfig, modalities: int = 3) -> float:
+    """CPUs the application reserves: the encoders, the retriever and the ingress."""
+    return math.fsum([cfg.num_cpus_per_replica] * (modalities + 2))

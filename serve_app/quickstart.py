@@ -1,0 +1,112 @@
+"""`cman quickstart`: the main job, offline — demo data → tune sweep → index → test table → serve.
+
+Everything lands in OUTPUT_DIR: `data/` (embedded dataset), the sweep (`tune/`, `trials/`, `mlflow.db`, `best/` with
+`eval_test.json`), `index/`. Re-running reuses what is already there (dataset, finished sweep, index).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from cman.config import CMANConfig, load_config
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+
+def ensure_dataset(data_dir: Path, counts: dict[str, int] | None = None) -> None:
+    from cman.data.demo import generate_demo_dataset
+
+    if (data_dir / "metadata" / "test_metadata.json").is_file():
+        logger.info("demo dataset already in %s (reused)", data_dir)
+        return
+    counts = generate_demo_dataset(data_dir, counts=counts)
+    logger.info("demo dataset written to %s: %s", data_dir, counts)
+
+
+def tracking_hint(config: CMANConfig, output_dir: Path) -> str:
+    try:
+        from tuning.registry import tracking_uri
+
+        uri = tracking_uri(config.mlflow.tracking_uri, output_dir)
+    except ImportError:
+        uri = f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def train_best(config: CMANConfig, output_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """Run the sweep (or reuse a finished one); return the best checkpoint and its test result."""
+    best = output_dir / "best"
+    if (best / "eval_test.json").is_file():
+        logger.info("finished sweep found in %s (reused; delete it to start over)", output_dir)
+        return best, json.loads((best / "eval_test.json").read_text())
+    try:
+        from tuning.sweep import EXPERIMENT_DIR, run_sweep
+    except ImportError:
+        run_sweep = None
+    if run_sweep is not None:
+        resume = (output_dir / EXPERIMENT_DIR).exists()
+        logger.info("tune sweep: %d trials (%s)", config.tune.num_samples, "resuming" if resume else "new")
+        summary = run_sweep(config, output_dir, resume=resume)
+        return Path(summary["best_checkpoint"]), summary["test"]
+    logger.warning("tuning.sweep is not available: FALLBACK to one training run (cman.engine.fit), no sweep")
+    from cman.engine import fit
+
+    report = fit(config, output_dir / "train")
+    return output_dir / "train" / "checkpoints" / "best", report["test"]
+
+
+def quickstart(
+    output_dir: Path,
+    num_samples: int | None = None,
+    serve: bool = True,
+    port: int = 8000,
+    overrides: dict[str, Any] | None = None,
+    dataset_counts: dict[str, int] | None = None,
+) -> dict:
+    """Demo data → sweep → index → print the test table → serve (if `serve`). Returns paths and the test result.
+
+    `overrides` (config keys) and `dataset_counts` (items per split) shrink the run for smoke tests.
+    """
+    from cman.metrics import format_table
+    from jobs.build_index import build_index
+
+    start = time.perf_counter()
+    output_dir = Path(output_dir).resolve()
+    data_dir = output_dir / "data"
+    ensure_dataset(data_dir, dataset_counts)
+    settings = {"data.root": str(data_dir), "output_dir": str(output_dir), "tune.num_samples": num_samples or 4}
+    config = load_config(DEMO_CONFIG, {**settings, **(overrides or {})})
+    best, test = train_best(config, output_dir)
+    trained = time.perf_counter() - start
+    index_dir = output_dir / "index"
+    if not (index_dir / "index_meta.json").is_file() or _stale(index_dir, best):
+        counts = build_index(best, config.data.test_split, index_dir, root=data_dir, kind=config.serve.index_kind)
+    else:
+        counts = json.loads((index_dir / "index_meta.json").read_text())["counts"]
+    print(
+        f"\nquickstart: data -> sweep -> index done in {time.perf_counter() - start:.0f} s "
+        f"(training part {trained:.0f} s)"
+    )
+    print(f"best checkpoint: {best}\nindex: {index_dir} {counts}")
+    print(f"test split ({config.data.test_split}) of the best checkpoint:\n{format_table(test)}")
+    print(f"MLflow: {tracking_hint(config, output_dir)}")
+    result = {"checkpoint": str(best), "index": str(index_dir), "counts": counts, "test": test}
+    if serve:
+        from serve_app.run import serve_forever
+
+        serve_forever(checkpoint=best, index=index_dir, port=port)
+    else:
+        print(f"serve it with: cman serve --checkpoint {best} --index {index_dir}")
+    return result
+
+
+def _stale(index_dir: Path, checkpoint: Path) -> bool:
+    meta = json.loads((index_dir / "index_meta.json").read_text())
+    return meta.get("checkpoint") != str(Path(checkpoint).resolve())

@@ -1,0 +1,119 @@
+"""`cman serve`: start Ray (RAY_ADDRESS or local), run the Serve application and block until Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "cman"
+QUICKSTART_DIR = Path("outputs/quickstart")
+CHAMPION_URI = "models:/cman@champion"
+
+
+def default_checkpoint() -> Path:
+    """The quickstart's best checkpoint if it exists, else MLflow's `cman@champion`, else a clear error."""
+    local = QUICKSTART_DIR / "best"
+    if (local / "metadata.json").is_file():
+        return local
+    try:
+        import mlflow
+
+        path = Path(mlflow.artifacts.download_artifacts(CHAMPION_URI))
+        candidates = [path, *(p.parent for p in path.rglob("metadata.json"))]
+        for candidate in candidates:
+            if (candidate / "metadata.json").is_file() and (candidate / "config.yaml").is_file():
+                return candidate
+    except Exception as err:  # noqa: BLE001 - no registry, no alias, no tracking server: all mean "not resolvable"
+        logger.debug("MLflow %s not resolvable: %s", CHAMPION_URI, err)
+    raise FileNotFoundError(
+        f"no checkpoint given and none found: neither {local} (run `cman quickstart`) nor MLflow {CHAMPION_URI} "
+        "(set MLFLOW_TRACKING_URI to the sweep's store) exists; pass --checkpoint DIR"
+    )
+
+
+def sample_requests(url: str, caption: str = "a large red circle on the left") -> list[str]:
+    return [
+        f"curl {url}healthz",
+        f"curl -F 'text={caption}' -F target=image -F k=5 {url}search",
+        f"curl -F image=@some.png -F target=text {url}search",
+        f"curl -F audio=@query.wav -F 'text=in the middle' -F target=image {url}search",
+        f"curl -F id=my_item -F 'text=my caption' -F image=@my.png {url}items",
+    ]
+
+
+def start_app(checkpoint: str | Path, index: str | Path, config: str | Path | None, host: str, port: int) -> str:
+    """Start Ray + Serve (HTTP on host:port) and deploy the application; return its base URL."""
+    import ray
+    from ray import serve
+
+    from serve_app.app import ServeArgs, build_app
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}
+        if address:
+            ray.init(address=address, runtime_env=env)
+        else:
+            ray.init(include_dashboard=False, runtime_env=env)
+    serve.start(http_options={"host": host, "port": port})
+    args = ServeArgs(checkpoint=str(checkpoint), index_dir=str(index), config=str(config) if config else None)
+    start = time.perf_counter()
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    logger.info("application %r running (serve.run took %.1f s)", APP_NAME, time.perf_counter() - start)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{shown}:{port}/"
+
+
+def wait_for_interrupt() -> None:
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def shutdown() -> None:
+    import ray
+    from ray import serve
+
+    print("shutting down ...", flush=True)
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def serve_forever(
+    checkpoint: str | Path | None = None,
+    index: str | Path | None = None,
+    config: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+) -> None:
+    """Serve `checkpoint` + `index` over HTTP until Ctrl-C (defaults: the quickstart's outputs)."""
+    checkpoint = Path(checkpoint) if checkpoint else default_checkpoint()
+    index = Path(index) if index else QUICKSTART_DIR / "index"
+    if not (checkpoint / "metadata.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a CMAN checkpoint (no metadata.json)")
+    if not index.is_dir():
+        raise FileNotFoundError(f"index directory {index} not found; build it with `cman index ... --out {index}`")
+    try:
+        url = start_app(checkpoint, index, config, host, port)
+        print(f"\nCMAN is serving {checkpoint} with index {index}")
+        print(f"  demo page:  {url}\n  API docs:   {url}docs\n\ntry:")
+        for line in sample_requests(url):
+            print(f"  {line}")
+        print("\nCtrl-C to stop.", flush=True)
+        wait_for_interrupt()
+    finally:
+        shutdown()

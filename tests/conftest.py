@@ -1,0 +1,104 @@
+"""Shared fixtures: one Ray instance per test session, and a tiny trained CMAN checkpoint on a tiny demo dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
+    )
+    yield
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # noqa: BLE001 - Serve may never have started
+        pass
+    ray.shutdown()
+
+
+# ---- a tiny trained model on a tiny demo dataset (serve, index and demo-page tests) ---------------------------------
+DEMO_COUNTS = {"train": 48, "val": 12, "test": 16}
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from cman.data.demo import generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo_data")
+    generate_demo_dataset(root, seed=0, counts=DEMO_COUNTS)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """checkpoints/best of a few epochs of in-process training of configs/demo.yaml on `demo_root`."""
+    from cman.config import load_config
+    from cman.engine import fit
+
+    out = tmp_path_factory.mktemp("trained")
+    repo = Path(__file__).resolve().parents[1]
+    overrides = {"data.root": str(demo_root), "training.epochs": 4, "training.batch_size": 16, "output_dir": str(out)}
+    fit(load_config(repo / "configs" / "demo.yaml", overrides), out, resume=False, progress=False)
+    return out / "checkpoints" / "best"
+
+
+SERVE_APP = "cman"
+SERVE_UPLOAD_MB = 0.5
+SERVE_OVERRIDES = {"max_upload_mb": SERVE_UPLOAD_MB, "max_batch_size": 8, "batch_wait_timeout_s": 0.05}
+
+
+def run_serve_app(args) -> float:
+    """`serve.run` the CMAN application for `args` (a ServeArgs); returns the seconds it took."""
+    import time
+
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    start = time.perf_counter()
+    serve.run(build_app(args), name=SERVE_APP, route_prefix="/")
+    return time.perf_counter() - start
+
+
+@pytest.fixture(scope="session")
+def served_app(ray_session, trained_checkpoint: Path, demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The Serve application over `trained_checkpoint` + an index of the demo test split, on a free local port."""
+    import socket
+
+    from ray import serve
+
+    from jobs.build_index import build_index
+    from serve_app.app import ServeArgs
+
+    index_dir = tmp_path_factory.mktemp("serve_index")
+    build_index(trained_checkpoint, "test", index_dir, root=demo_root)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = ServeArgs(checkpoint=str(trained_checkpoint), index_dir=str(index_dir), serve=SERVE_OVERRIDES)
+    seconds = run_serve_app(args)
+    print(f"\nserve.run took {seconds:.1f} s")
+    yield {
+        "url": f"http://127.0.0.1:{port}",
+        "args": args,
+        "index_dir": index_dir,
+        "root": demo_root,
+        "start_seconds": seconds,
+    }
+    serve.delete(SERVE_APP)
