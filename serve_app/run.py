@@ -21,16 +21,20 @@ def default_checkpoint() -> Path:
     local = QUICKSTART_DIR / "best"
     if (local / "metadata.json").is_file():
         return local
-    try:
-        import mlflow
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri and (QUICKSTART_DIR / "mlflow.db").is_file():
+        uri = f"sqlite:///{(QUICKSTART_DIR / 'mlflow.db').resolve()}"
+    if uri:  # never let MLflow create a default ./mlflow.db just to look
+        try:
+            import mlflow
 
-        path = Path(mlflow.artifacts.download_artifacts(CHAMPION_URI))
-        candidates = [path, *(p.parent for p in path.rglob("metadata.json"))]
-        for candidate in candidates:
-            if (candidate / "metadata.json").is_file() and (candidate / "config.yaml").is_file():
-                return candidate
-    except Exception as err:  # noqa: BLE001 - no registry, no alias, no tracking server: all mean "not resolvable"
-        logger.debug("MLflow %s not resolvable: %s", CHAMPION_URI, err)
+            path = Path(mlflow.artifacts.download_artifacts(CHAMPION_URI, tracking_uri=uri, registry_uri=uri))
+            for candidate in [path, *(p.parent for p in path.rglob("metadata.json"))]:
+                if (candidate / "metadata.json").is_file() and (candidate / "config.yaml").is_file():
+                    logger.info("serving MLflow %s from %s", CHAMPION_URI, candidate)
+                    return candidate
+        except Exception as err:  # noqa: BLE001 - no registry / alias / server: all mean "not resolvable"
+            logger.info("MLflow %s not resolvable at %s: %s", CHAMPION_URI, uri, err)
     raise FileNotFoundError(
         f"no checkpoint given and none found: neither {local} (run `cman quickstart`) nor MLflow {CHAMPION_URI} "
         "(set MLFLOW_TRACKING_URI to the sweep's store) exists; pass --checkpoint DIR"
@@ -71,15 +75,15 @@ def start_app(checkpoint: str | Path, index: str | Path, config: str | Path | No
 
 
 def wait_for_interrupt() -> None:
+    """Block until Ctrl-C (SIGINT) or SIGTERM; handlers are installed even where SIGINT starts ignored (`cmd &`)."""
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while not stop.wait(1.0):
             pass
-    except KeyboardInterrupt:
-        pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def shutdown() -> None:

@@ -180,7 +180,14 @@ def _bad_cases(root: Path) -> list[tuple[str, str, dict, dict, int, str]]:
         ),
         ("png bomb", "/search", {"target": "image"}, {"image": ("bomb.png", _png_bomb(), "image/png")}, 415, "pixels"),
         ("oversized upload", "/search", {"target": "image"}, {"image": ("big.png", big, "image/png")}, 413, "limit"),
-        ("huge body", "/search", {"target": "image"}, {"image": ("big.png", big * 4, "image/png")}, 413, "limit"),
+        (
+            "huge body",
+            "/search",
+            {"target": "image"},
+            {"image": ("big.png", big * 6, "image/png")},
+            413,
+            "request body",
+        ),
         (
             "wrong part type",
             "/search",
