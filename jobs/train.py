@@ -1,0 +1,321 @@
+"""Ray Train driver for CMAN: `cman train` and the `ray job submit` entry point (`python -m jobs.train`).
+
+Every worker runs `train_loop_per_worker`, which is the library's epoch (`cman.engine.train_one_epoch`) on a DDP
+model over its DistributedSampler share of the training set. Validation is computed on embeddings gathered from
+all workers (each embeds a contiguous, unpadded shard of the val set), so the numbers equal a single-process
+evaluation. Rank 0 writes the checkpoint (the `CMAN.save_pretrained` format plus optimiser/scheduler/RNG state)
+and logs the epoch to MLflow. The run is named by its output directory (`D/ray_results/cman_train`), so running
+the same command again continues an interrupted run from its latest checkpoint; a finished run is not retrained,
+only exported and evaluated again. `--no-resume` (`resume=False`) starts over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2.api.context import LocalTrainContext
+from torch.utils.data import DistributedSampler
+
+from cman.config import CMANConfig, from_dict
+from cman.engine import (
+    create_state,
+    end_epoch,
+    finish,
+    load_items,
+    make_loader,
+    seed_everything,
+    train_one_epoch,
+)
+from cman.metrics import EmbeddingSet, evaluate_embeddings
+from cman.modality import Modality
+from cman.training import amp_dtype, compute_embeddings, flat_metrics, resolve_device
+from jobs import tracking
+
+logger = logging.getLogger(__name__)
+
+RUN_NAME = "cman_train"
+FAIL_ONCE_ENV = "CMAN_FAIL_ONCE_AT_EPOCH"  # fault injection for FailureConfig tests: fail once, in this epoch
+WORKER_ENV_VARS = ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "MLFLOW_TRACKING_URI")
+
+
+# ---- the per-worker loop -------------------------------------------------------------------------------------------
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Train (or resume) the run described by `loop_config` (see `make_loop_config`) on this worker."""
+    config = from_dict(loop_config["config"])
+    output_dir = Path(loop_config["output_dir"])
+    run = tracking.Tracking(**loop_config["mlflow"]) if loop_config.get("mlflow") else None
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    tc = config.training
+
+    seed_everything(tc.seed)
+    train_items = load_items(config, config.data.train_split)
+    val_items = load_items(config, config.data.val_split)
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
+        steps = max(1, len(train_items) // (tc.batch_size * world))
+        state = create_state(config, train_items, steps, Path(resume_dir) if resume_dir else None)
+    start_epoch = state.epoch
+
+    device = ray.train.torch.get_device() if dist.is_initialized() else resolve_device(config.ray.use_gpu)
+    model = ray.train.torch.prepare_model(
+        state.model, move_to_device=device, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+    dtype = amp_dtype(device, tc.mixed_precision)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    sampler = (
+        DistributedSampler(train_items, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed, drop_last=True)
+        if world > 1
+        else None
+    )
+    train_loader = make_loader(config, state.model, train_items, train=True, sampler=sampler)
+    val_loader = make_loader(config, state.model, shard(val_items, rank, world), train=False)
+    staging = _staging_dir(context, output_dir)
+
+    while state.epoch < tc.epochs:
+        _maybe_fail(loop_config, output_dir, state.epoch + 1, rank)
+        if sampler is not None:
+            sampler.set_epoch(state.epoch)
+        stats = train_one_epoch(
+            config,
+            state,
+            train_loader,
+            device,
+            dtype,
+            scaler,
+            model=model,
+            progress=rank == 0 and loop_config.get("progress", False),
+        )
+        val = evaluate_embeddings(gather(compute_embeddings(state.model, val_loader, device, dtype), world))
+        record, _ = end_epoch(config, state, stats, val)
+        metrics = {
+            **flat_metrics(val),
+            **record,
+            "start_epoch": start_epoch,
+            "world_size": world,
+            "lr": state.optimizer.param_groups[0]["lr"],
+        }
+        _report(state, val, metrics, rank, staging)
+        if run is not None and rank == 0:
+            tracking.log_metrics(
+                run, {k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch")}, step=state.epoch
+            )
+
+
+def shard(items: list[Any], rank: int, world: int) -> list[Any]:
+    """Contiguous, unpadded shard of `items` for `rank`; concatenating the shards in rank order gives `items`."""
+    n = len(items)
+    return items[rank * n // world : (rank + 1) * n // world]
+
+
+def gather(local: dict[Modality, EmbeddingSet], world: int) -> dict[Modality, EmbeddingSet]:
+    """All-gather every rank's embeddings (rank order = item order) into the full val set, on every rank."""
+    if world == 1 or not dist.is_initialized():
+        return local
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, {m.value: (s.keys, s.groups, s.embeddings) for m, s in local.items()})
+    merged: dict[str, tuple[list[str], list[str], list[np.ndarray]]] = {}
+    for part in parts:
+        for modality, (keys, groups, embeddings) in part.items():
+            entry = merged.setdefault(modality, ([], [], []))
+            entry[0].extend(keys)
+            entry[1].extend(groups)
+            entry[2].append(embeddings)
+    return {
+        Modality(m): EmbeddingSet(keys=k, groups=g, embeddings=np.concatenate(e)) for m, (k, g, e) in merged.items()
+    }
+
+
+def _report(state: Any, val: dict[str, Any], metrics: dict[str, Any], rank: int, staging: Path | None) -> None:
+    """`ray.train.report` on every rank (a barrier); rank 0 attaches the checkpoint of the unwrapped model."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    if staging is not None:  # in-process mode: Ray keeps a reference to our own directory, so it must persist
+        directory = state.save(staging / f"checkpoint_epoch_{state.epoch:04d}", val)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # Ray copies it into storage_path before report returns
+        directory = state.save(Path(tmp) / "checkpoint", val)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
+
+
+def _staging_dir(context: Any, output_dir: Path) -> Path | None:
+    if isinstance(context, LocalTrainContext):
+        return output_dir / "ray_results" / RUN_NAME / "in_process"
+    return None
+
+
+def _maybe_fail(loop_config: dict[str, Any], output_dir: Path, epoch: int, rank: int) -> None:
+    """Fault injection: rank 0 raises once when epoch `fail_once_at_epoch` starts (a marker file makes it once)."""
+    if loop_config.get("fail_once_at_epoch") != epoch or rank != 0:
+        return
+    marker = output_dir / f".injected_failure_epoch_{epoch}"
+    if not marker.exists():
+        marker.touch()
+        raise RuntimeError(f"injected failure at the start of epoch {epoch} ({FAIL_ONCE_ENV})")
+
+
+# ---- the driver ----------------------------------------------------------------------------------------------------
+def make_loop_config(
+    config: CMANConfig, output_dir: Path, run: tracking.Tracking | None = None, fail_once_at_epoch: int | None = None
+) -> dict[str, Any]:
+    """What `train_loop_per_worker` needs; `run=None` turns per-epoch MLflow logging off (e.g. under Tune)."""
+    return {
+        "config": config.to_dict(),
+        "output_dir": str(Path(output_dir).resolve()),
+        "mlflow": asdict(run) if run is not None else False,
+        "fail_once_at_epoch": fail_once_at_epoch,
+    }
+
+
+def build_trainer(
+    config: CMANConfig, output_dir: Path, loop_config: dict[str, Any], callbacks: list[Any] | None = None
+) -> TorchTrainer:
+    """A TorchTrainer over `config.ray`, stored under `output_dir/ray_results/cman_train` (best + latest kept)."""
+    rc = config.ray
+    run_config = RunConfig(
+        name=RUN_NAME,
+        storage_path=str(Path(output_dir).resolve() / "ray_results"),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=1, checkpoint_score_attribute="val_rsum", checkpoint_score_order="max"
+        ),  # the latest is always kept as well
+        failure_config=FailureConfig(max_failures=rc.max_failures),
+        callbacks=callbacks,
+    )
+    scaling = ScalingConfig(
+        num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=dict(rc.resources_per_worker)
+    )
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config
+    )
+
+
+def run_training(
+    config: CMANConfig, output_dir: str | Path, address: str | None = None, resume: bool = True, *, track: bool = True
+) -> dict[str, Any]:
+    """Train with Ray Train, export checkpoints/{best,last}, evaluate best on the test split.
+
+    Returns `{"history", "test", "eval_path"}` like `cman.engine.fit`.
+    """
+    output_dir = Path(output_dir).resolve()
+    config = _absolute_paths(config, output_dir)
+    run_dir = output_dir / "ray_results" / RUN_NAME
+    if (not resume or config.ray.num_workers == 0) and run_dir.exists():
+        logger.info("starting over: removing the previous run %s", run_dir)  # in-process mode never resumes
+        shutil.rmtree(run_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config.save(output_dir / "config.yaml")
+    run = tracking.open_run(config, output_dir, resume=resume) if track else None
+    fail_at = int(os.environ[FAIL_ONCE_ENV]) if os.environ.get(FAIL_ONCE_ENV) else None
+    loop_config = make_loop_config(config, output_dir, run, fail_once_at_epoch=fail_at)
+    started = config.ray.num_workers > 0 and _init_ray(address)
+    try:
+        result = build_trainer(config, output_dir, loop_config).fit()
+        best, last = export_checkpoints(result, output_dir)
+        report = finish(config, output_dir, _history(last))
+        if run is not None:
+            tracking.finish_run(run, report, best)
+    except BaseException:
+        if run is not None:
+            tracking.fail_run(run)
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+    return report
+
+
+def export_checkpoints(result: Any, output_dir: Path) -> tuple[Path, Path]:
+    """Copy the best (max val_rsum, earliest on ties) and the latest checkpoint to D/checkpoints/{best,last}."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"training in {output_dir} reported no checkpoint (see the Ray logs above)")
+    candidates = list(result.best_checkpoints or [(result.checkpoint, result.metrics or {})])
+    if result.best_checkpoints is None:  # in-process mode: every epoch's checkpoint is in the staging dir
+        staging = output_dir / "ray_results" / RUN_NAME / "in_process"
+        candidates = [(Checkpoint.from_directory(str(p)), _metadata_metrics(p)) for p in sorted(staging.iterdir())]
+    best_ckpt, _ = max(candidates, key=lambda cm: (cm[1].get("val_rsum", -np.inf), -cm[1].get("epoch", 0)))
+    targets = {"best": best_ckpt, "last": result.checkpoint}
+    paths = {}
+    for name, ckpt in targets.items():
+        with ckpt.as_directory() as source:
+            paths[name] = _copy_dir(Path(source), output_dir / "checkpoints" / name)
+    return paths["best"], paths["last"]
+
+
+def _metadata_metrics(directory: Path) -> dict[str, Any]:
+    meta = json.loads((directory / "metadata.json").read_text())
+    return {"val_rsum": meta["metrics"]["rsum"], "epoch": meta["epoch"]}
+
+
+def _copy_dir(source: Path, target: Path) -> Path:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def _history(checkpoint_dir: Path) -> list[dict[str, Any]]:
+    return json.loads((checkpoint_dir / "training_state.json").read_text())["history"]
+
+
+def _absolute_paths(config: CMANConfig, output_dir: Path) -> CMANConfig:
+    """Workers run in their own directories: make data.root and output_dir absolute (relative to this process)."""
+    overrides: dict[str, Any] = {"output_dir": str(output_dir)}
+    if config.data.root:
+        overrides["data.root"] = str(Path(config.data.root).resolve())
+    return config.with_overrides(overrides)
+
+
+def _init_ray(address: str | None) -> bool:
+    """Connect to `address` / RAY_ADDRESS / a new local Ray; False if Ray was already initialised by the caller."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    env_vars = {k: os.environ[k] for k in WORKER_ENV_VARS if k in os.environ}
+    env_vars = {k: v for k, v in env_vars.items() if k not in _job_env_vars()}
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
+    if not address:
+        kwargs["include_dashboard"] = False
+    ray.init(address=address, **kwargs)
+    return True
+
+
+def _job_env_vars() -> set[str]:
+    """Env vars the surrounding `ray job submit` runtime env already sets (ray.init must not set them again)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if not raw:
+        return set()
+    return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.train --config CFG [--output_dir D] [--set k=v ...]`: `cman train`, for `ray job submit`."""
+    from cman import cli
+
+    return cli.main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Ray Train path of `cman train` (jobs/train.py): same numbers as the in-process loop, DDP with gathered
+validation, FailureConfig restarts that resume, and re-running an interrupted run. Real Ray, real MLflow (sqlite)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cman.config import CMANConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+# configs/demo.yaml with 1-layer encoders and fusion, small batches: a few seconds per epoch on 2 cores
+TINY = {
+    "model.text.init.num_hidden_layers": 1,
+    "model.audio.init.num_hidden_layers": 1,
+    "model.image.init.num_hidden_layers": 1,
+    "model.fusion.layers": 1,
+    "training.batch_size": 8,
+    "data.max_items": 24,
+}
+
+
+def tiny_config(root: Path, **overrides) -> CMANConfig:
+    return load_config(REPO / "configs" / "demo.yaml", {**TINY, "data.root": str(root), **overrides})
+
+
+def steps_logged(output_dir: Path, key: str) -> list[int]:
+    """The epochs at which MLflow received `key`, in logging order (an epoch trained twice shows up twice)."""
+    from jobs import tracking
+
+    run = tracking.Tracking(**json.loads((output_dir / tracking.RUN_FILE).read_text()))
+    return tracking.metric_steps(run, key)
+
+
+@pytest.fixture(autouse=True)
+def _default_mlflow_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sqlite store under the output dir
+
+
+def test_in_process_ray_loop_matches_engine_fit(demo_root: Path, tmp_path: Path) -> None:
+    """ScalingConfig(num_workers=0) runs train_loop_per_worker in this process: same history as cman.engine.fit."""
+    from cman.engine import fit
+    from jobs.train import run_training
+
+    config = tiny_config(demo_root, **{"training.epochs": 2, "ray.num_workers": 0})
+    ray_report = run_training(config, tmp_path / "ray", track=False)
+    fit_report = fit(config, tmp_path / "fit", resume=False, progress=False)
+
+    assert [h["epoch"] for h in ray_report["history"]] == [1, 2]
+    for ours, theirs in zip(ray_report["history"], fit_report["history"], strict=True):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], abs=1e-5)
+        assert ours["val_rsum"] == pytest.approx(theirs["val_rsum"], abs=1e-5)
+    assert ray_report["test"]["rsum"] == pytest.approx(fit_report["test"]["rsum"], abs=1e-5)
+    for name in ("best", "last"):
+        assert (tmp_path / "ray" / "checkpoints" / name / "metadata.json").is_file()
+    assert json.loads(Path(ray_report["eval_path"]).read_text())["split"] == "test"
+
+
+@pytest.mark.ray
+def test_two_workers_restart_after_failure_and_gather_validation(
+    ray_session, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 DDP workers; rank 0 dies once at the start of epoch 2. FailureConfig restarts the group, which resumes from
+    the epoch-1 checkpoint; the gathered val metrics equal a single-process evaluation of the checkpoint."""
+    from cman.engine import evaluate_checkpoint
+    from jobs.train import FAIL_ONCE_ENV, run_training
+
+    monkeypatch.setenv(FAIL_ONCE_ENV, "2")
+    out = tmp_path / "run"
+    config = tiny_config(demo_root, **{"training.epochs": 2, "ray.num_workers": 2, "ray.max_failures": 1})
+    report = run_training(config, out)
+
+    assert (out / ".injected_failure_epoch_2").exists(), "the injected failure did not happen"
+    assert [h["epoch"] for h in report["history"]] == [1, 2]
+    # epoch 1 was trained (and logged) once: the restart resumed from its checkpoint instead of from scratch
+    assert steps_logged(out, "val_rsum") == [1, 2]
+    assert steps_logged(out, "train_loss") == [1, 2]
+
+    last = out / "checkpoints" / "last"
+    meta = json.loads((last / "metadata.json").read_text())
+    assert meta["epoch"] == 2
+    single = evaluate_checkpoint(last, "val")
+    assert meta["metrics"]["rsum"] == pytest.approx(single["rsum"], abs=1e-6)
+    for direction, values in single["directions"].items():
+        for name, value in values.items():
+            assert meta["metrics"]["directions"][direction][name] == pytest.approx(value, abs=1e-6), (direction, name)
+
+    best_meta = json.loads((out / "checkpoints" / "best" / "metadata.json").read_text())
+    assert best_meta["metrics"]["rsum"] == max(h["val_rsum"] for h in report["history"])
+    assert json.loads(Path(report["eval_path"]).read_text())["rsum"] == pytest.approx(report["test"]["rsum"])
+
+
+@pytest.mark.ray
+def test_interrupted_run_continues_when_rerun(
+    ray_session, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that dies (no retries left) after epoch 1 is continued by the same call with the same output dir;
+    re-running a finished run trains nothing more; resume=False starts over."""
+    from mlflow.tracking import MlflowClient
+    from ray.train import TrainingFailedError
+
+    from jobs.train import FAIL_ONCE_ENV, run_training
+
+    out = tmp_path / "run"
+    config = tiny_config(demo_root, **{"training.epochs": 2, "ray.num_workers": 1, "ray.max_failures": 0})
+    monkeypatch.setenv(FAIL_ONCE_ENV, "2")
+    with pytest.raises(TrainingFailedError):
+        run_training(config, out)
+    assert not (out / "checkpoints").exists()
+    assert steps_logged(out, "val_rsum") == [1]
+
+    monkeypatch.delenv(FAIL_ONCE_ENV)
+    report = run_training(config, out)
+    assert [h["epoch"] for h in report["history"]] == [1, 2]
+    assert steps_logged(out, "val_rsum") == [1, 2]
+
+    again = run_training(config, out)  # finished: exported and evaluated again, not retrained
+    assert again["history"] == report["history"]
+    assert steps_logged(out, "val_rsum") == [1, 2]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(config.mlflow.experiment)
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["training.epochs"] == "2"
+    assert 0 <= run.data.metrics["val_text_to_image_R_at_1"] <= 100
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"checkpoint_best", "eval_test.json", "plots"}
+
+    fresh = run_training(config, out, resume=False)
+    assert [h["epoch"] for h in fresh["history"]] == [1, 2]
+    assert len(client.search_runs([experiment.experiment_id])) == 2
