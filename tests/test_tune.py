@@ -1,0 +1,226 @@
+"""Ray Tune + Optuna + ASHA sweep (tuning/): real Ray, real sqlite MLflow, a tiny model on a tiny demo dataset.
+
+One sweep of 3 trials is interrupted after its second trial and resumed; the tests then check what it left: the
+trial count, ASHA's early stop, the MLflow child runs and the `cman@champion` model.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cman.config import CMANConfig, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 2
+N_TRIALS = 3
+TINY = {
+    "model.text.init.num_hidden_layers": 1,
+    "model.audio.init.num_hidden_layers": 1,
+    "model.image.init.num_hidden_layers": 1,
+    "model.fusion.layers": 1,
+    "training.batch_size": 16,
+    "training.eval_batch_size": 32,
+    "training.epochs": EPOCHS,
+}
+
+
+def tiny_config(root: Path, **overrides) -> CMANConfig:
+    return load_config(REPO / "configs" / "demo.yaml", {"data.root": str(root), **TINY, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tune_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from cman.data.demo import generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("tune_data")
+    generate_demo_dataset(root, seed=0, counts={"train": 48, "val": 24, "test": 24})
+    return root
+
+
+def _interrupt_when_trial_starts(experiment: Path, n: int, stop: threading.Event) -> None:
+    """SIGUSR1 (what Tune treats like Ctrl-C) to this process once trial number `n` (1-based) has a folder."""
+    while not stop.is_set():
+        if len([p for p in experiment.glob("train_driver_*") if p.is_dir()]) >= n:
+            signal.raise_signal(signal.SIGUSR1)
+            return
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, tune_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """3 trials, one at a time; later trials search tiny learning rates so ASHA has something to stop.
+    Interrupted when the third trial starts, then resumed with `resume=True`."""
+    from tuning.sweep import run_sweep
+
+    out = tmp_path_factory.mktemp("sweep") / "run"
+    db = out.parent / "mlflow.db"
+    config = tiny_config(
+        tune_root,
+        **{
+            "tune.num_samples": N_TRIALS,
+            "tune.max_concurrent": 1,
+            "tune.cpus_per_trial": 1,
+            "tune.grace_period": 1,
+            "tune.reduction_factor": 2,
+            "tune.space.learning_rate": [1e-8, 1e-7],
+            "tune.space.rank": [4, 8],
+            "mlflow.tracking_uri": f"sqlite:///{db}",
+        },
+    )
+    start = time.perf_counter()
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # never let a late signal kill the test process
+    stop = threading.Event()
+    watcher = threading.Thread(target=_interrupt_when_trial_starts, args=(out / "tune", N_TRIALS, stop), daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(RuntimeError, match="interrupted after 2/3 trials"):
+            run_sweep(config, out)
+        before = {p.name: _rows(p / "progress.csv") for p in (out / "tune").glob("train_driver_*")}
+        summary = run_sweep(config, out, resume=True)
+    finally:
+        stop.set()
+        signal.signal(signal.SIGUSR1, previous)
+    print(f"\ninterrupted + resumed sweep of {N_TRIALS} trials: {time.perf_counter() - start:.0f} s")
+    return {"summary": summary, "out": out, "config": config, "before": before, "uri": f"sqlite:///{db}"}
+
+
+def _rows(csv: Path) -> int:
+    return len(csv.read_text().splitlines()) - 1 if csv.is_file() else 0
+
+
+@pytest.mark.ray
+def test_resumed_sweep_runs_exactly_n_trials(sweep: dict) -> None:
+    import pandas as pd
+
+    out, summary = sweep["out"], sweep["summary"]
+    table = pd.read_csv(out / "tune_results.csv")
+    assert summary["n_trials"] == N_TRIALS == len(table)
+    assert table["trial"].tolist() == list(range(N_TRIALS))
+    assert (table["status"] == "TERMINATED").all()
+    # trials 0 and 1 finished before the interrupt and were not trained again after the resume
+    for row in table.iloc[:2].itertuples():
+        name = Path(row.path).name
+        assert sweep["before"][name] == row.epochs == _rows(out / "tune" / name / "progress.csv")
+    # trial 0 is the config's own values
+    base = sweep["config"]
+    assert table.loc[0, ["rank", "alpha", "margin", "lr"]].tolist() == pytest.approx(
+        [base.peft.rank, base.peft.alpha, base.loss.margin, base.training.learning_rate]
+    )
+    for name in ("val_rsum_curves.png", "best/eval_test.json", "best/config.yaml", "sweep_summary.json"):
+        assert (out / name).is_file(), name
+
+
+@pytest.mark.ray
+def test_asha_stops_trials_by_its_rule(sweep: dict) -> None:
+    import numpy as np
+    import pandas as pd
+
+    out = sweep["out"]
+    table = pd.read_csv(out / "tune_results.csv")
+    assert sweep["summary"]["n_stopped_early"] == int((table["epochs"] < EPOCHS).sum())
+    # ASHA (rf 2, grace 1, one trial at a time): a trial stops after epoch 1 iff it is below the median of the
+    # earlier trials' epoch-1 val rsum, and runs all epochs otherwise. (Whether any trial falls below depends on
+    # the tiny models' chance-level scores, so the rule is checked both ways rather than a count of stops.)
+    first_epoch = [pd.read_csv(Path(p) / "progress.csv")["val_rsum"].iloc[0] for p in table["path"]]
+    for i in range(1, len(table)):
+        cutoff = np.nanpercentile(first_epoch[:i], 50)
+        assert (table.loc[i, "epochs"] < EPOCHS) == (first_epoch[i] < cutoff), (i, first_epoch, cutoff)
+
+
+@pytest.mark.ray
+def test_mlflow_child_runs_and_champion(sweep: dict) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from cman.models.cman import CMAN
+
+    summary, uri = sweep["summary"], sweep["uri"]
+    client = MlflowClient(uri)
+    state = summary["mlflow"]
+    runs = client.search_runs([state["experiment_id"]], f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
+    assert len(runs) == N_TRIALS
+    for run in runs:
+        assert {"rank", "alpha", "margin", "lr"} <= set(run.data.params)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_rsum")]
+        assert 1 <= len(steps) <= EPOCHS and len(set(steps)) == len(steps)
+        assert not any(">" in key or "@" in key for key in run.data.metrics)
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.data.metrics["n_trials"] == N_TRIALS
+    artifacts = {a.path for a in client.list_artifacts(state["parent_run_id"])}
+    assert {"tune_results.csv", "val_rsum_curves.png", "eval_test.json"} <= artifacts
+
+    champion = client.get_model_version_by_alias("cman", "champion")
+    best_run = client.get_run(champion.run_id)
+    assert best_run.data.tags["trial_id"] == summary["best_trial_id"]
+    assert float(champion.tags["test_rsum"]) == pytest.approx(summary["test"]["rsum"], abs=1e-4)
+    mlflow.set_tracking_uri(uri)
+    model = CMAN.from_pretrained(mlflow.artifacts.download_artifacts("models:/cman@champion"))
+    assert model.config.peft.rank == summary["best_params"]["rank"]
+
+
+def test_champion_moves_only_for_a_better_model(tmp_path: Path) -> None:
+    """Registry rule on a real sqlite store: a better test rsum takes @champion, a worse one is only registered."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tuning import registry
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = registry.ensure_experiment(client, "registry-test", tmp_path / "artifacts")
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.yaml").write_text("model: {}\n")
+    outcomes = []
+    for score in (10.0, 5.0, 20.0):
+        run_id = client.create_run(experiment).info.run_id
+        registry.log_checkpoint(client, run_id, checkpoint)
+        outcomes.append(registry.register_best(client, run_id, {"test_rsum": score, "val_rsum": score}))
+    assert [o["promoted"] for o in outcomes] == [True, False, True]
+    assert client.get_model_version_by_alias("cman", "champion").version == outcomes[2]["version"]
+    assert outcomes[1]["champion_version"] == outcomes[0]["version"]
+
+
+def test_bad_search_space_is_one_error_before_any_trial(tune_root: Path, tmp_path: Path) -> None:
+    from tuning.sweep import run_sweep
+
+    with pytest.raises(ConfigError, match=r"tune\.space\.learning_rate"):
+        tiny_config(tune_root, **{"tune.space.learning_rate": [1e-3, 1e-5]})
+    with pytest.raises(ConfigError, match=r"tune\.space\.rank"):
+        tiny_config(tune_root, **{"tune.space.rank": []})
+    # a space whose corner makes an invalid trial config (loss.margin <= 2) fails before Ray or MLflow start
+    config = tiny_config(tune_root, **{"tune.space.margin": [0.1, 5.0]})
+    with pytest.raises(ConfigError, match=r"tune\.space\.margin: 5\.0"):
+        run_sweep(config, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cman.cli",
+            "tune",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            "--set",
+            "tune.space.rank=[]",
+            "--output_dir",
+            str(tmp_path / "cli"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tune.space.rank" in lines[0], proc.stderr
+    assert not (tmp_path / "cli").exists()

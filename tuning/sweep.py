@@ -1,0 +1,341 @@
+"""`cman tune`: a Ray Tune + Optuna (TPE) + ASHA sweep over LoRA rank/alpha, loss margin and learning rate.
+
+Each Tune trial runs `train_driver`, which builds and fits a Ray Train `TorchTrainer` (jobs/train.py) whose
+`TuneReportCallback` forwards every epoch's metrics (and the Train checkpoint path) to Tune. ASHA stops weak trials
+after whole epochs; every trial is an MLflow child run of the sweep's parent run; the best trial's best checkpoint
+is copied to `D/best`, evaluated on the test split and registered as MLflow model `cman` (alias `champion` if it
+beats the current one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from cman.config import CMANConfig, from_dict
+from tuning.space import baseline_point, param_space, trial_config, trial_params, validate_space
+
+logger = logging.getLogger(__name__)
+
+METRIC, MODE = "val_rsum", "max"
+EXPERIMENT_DIR = "tune"  # Tune's experiment folder under the output directory (what --resume restores)
+TRIALS_DIR = "trials"  # Ray Train runs (checkpoints), one per trial id
+STATE_FILE = "sweep.json"  # MLflow ids, so a resumed sweep keeps logging into the same parent run
+
+DRIVER_CPU_SHARE = 0.1  # part of tune.cpus_per_trial taken by the trial's driver; the Train workers get the rest
+
+
+# ---- one trial ------------------------------------------------------------------------------------------------
+def trial_resources(config: CMANConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """(Tune driver resources, Train overrides): a trial reserves `tune.cpus_per_trial`/`gpus_per_trial` in total."""
+    tc, workers = config.tune, max(config.ray.num_workers, 1)
+    driver_cpu = round(tc.cpus_per_trial * DRIVER_CPU_SHARE, 4)
+    per_worker = {"CPU": round((tc.cpus_per_trial - driver_cpu) / workers, 4)}
+    if tc.gpus_per_trial:
+        per_worker["GPU"] = round(tc.gpus_per_trial / workers, 4)
+    overrides = {"ray.resources_per_worker": per_worker, "ray.use_gpu": tc.gpus_per_trial > 0}
+    return {"cpu": driver_cpu, "gpu": 0}, overrides
+
+
+def train_driver(trial: dict[str, Any], base: dict[str, Any], output_dir: str) -> None:
+    """Tune trainable: fit one TorchTrainer with the trial's values; Train reports reach Tune per epoch.
+
+    The Train run lives in `D/trials/<trial id>/`, so a restarted trial continues from its own latest checkpoint.
+    Per-epoch MLflow logging is the Tune driver's job here (`TrialLogger`), so the loop's own logging is off.
+    """
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from jobs.train import build_trainer, make_loop_config
+
+    config = trial_config(from_dict(base), trial)
+    trial_dir = Path(output_dir) / TRIALS_DIR / tune.get_context().get_trial_id()
+    loop_config = make_loop_config(config, trial_dir, run=None)
+    trainer = build_trainer(config, trial_dir, loop_config, callbacks=[TuneReportCallback()])
+    TorchTrainer(
+        _tune_loop,
+        train_loop_config=trainer.train_loop_config,
+        scaling_config=trainer.scaling_config,
+        run_config=trainer.run_config,
+    ).fit()
+
+
+def _tune_loop(loop_config: dict[str, Any]) -> None:
+    """jobs.train's loop, after noting the worker group's placement group for `ReleasePlacementGroups`."""
+    import ray
+    import ray.train
+
+    from jobs.train import train_loop_per_worker
+    from tuning.resources import PLACEMENT_GROUP_FILE
+
+    group = ray.util.get_current_placement_group()
+    if group is not None and ray.train.get_context().get_world_rank() == 0:
+        path = Path(loop_config["output_dir"]) / PLACEMENT_GROUP_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:  # one line per worker group (a Train restart makes a new one)
+            f.write(group.id.hex() + "\n")
+    train_loop_per_worker(loop_config)
+
+
+def _trainable(config: CMANConfig, output_dir: Path):
+    from ray import tune
+
+    driver_resources, overrides = trial_resources(config)
+    base = config.with_overrides(overrides).to_dict()
+    return tune.with_resources(
+        tune.with_parameters(train_driver, base=base, output_dir=str(output_dir)), driver_resources
+    )
+
+
+# ---- the Tuner ------------------------------------------------------------------------------------------------
+def _reporter(config: CMANConfig):
+    from ray.tune import CLIReporter
+
+    return CLIReporter(
+        parameter_columns={"rank": "rank", "alpha_ratio": "alpha/rank", "margin": "margin", "lr": "lr"},
+        metric_columns={"training_iteration": "epoch", "train_loss": "loss", METRIC: METRIC},
+        max_report_frequency=30,
+        sort_by_metric=True,
+        metric=METRIC,
+        mode=MODE,
+    )
+
+
+def build_tuner(config: CMANConfig, output_dir: Path, callbacks: list) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    tc = config.tune
+    searcher = OptunaSearch(points_to_evaluate=[baseline_point(config)], seed=tc.seed)
+    epochs = config.training.epochs
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=epochs,
+        grace_period=min(tc.grace_period, epochs),
+        reduction_factor=tc.reduction_factor,
+    )
+    tune_config = tune.TuneConfig(
+        metric=METRIC,
+        mode=MODE,
+        search_alg=searcher,
+        scheduler=scheduler,
+        num_samples=tc.num_samples,
+        max_concurrent_trials=tc.max_concurrent,
+    )
+    run_config = tune.RunConfig(
+        name=EXPERIMENT_DIR,
+        storage_path=str(output_dir),
+        callbacks=callbacks,
+        progress_reporter=_reporter(config),
+        failure_config=tune.FailureConfig(max_failures=0),
+    )
+    return tune.Tuner(
+        _trainable(config, output_dir), param_space=param_space(config), tune_config=tune_config, run_config=run_config
+    )
+
+
+def _fit(config: CMANConfig, output_dir: Path, resume: bool, callbacks: list):
+    from ray import tune
+
+    path = str(output_dir / EXPERIMENT_DIR)
+    if resume:
+        logger.info("resuming the sweep in %s", path)
+        tuner = tune.Tuner.restore(path, trainable=_trainable(config, output_dir), resume_errored=True)
+    else:
+        tuner = build_tuner(config, output_dir, callbacks)
+    return tuner.fit()
+
+
+def _finished_trials(experiment: Path) -> int:
+    """Trials that ended (TERMINATED or ERROR) in the experiment state Tune saved to disk.
+
+    After an interrupt (Ctrl-C / SIGUSR1) the in-memory `ResultGrid` shows the trials Tune stopped on its way out
+    as TERMINATED; the state saved before that still says RUNNING/PENDING, and it is what `--resume` continues.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    return sum(t.status in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(str(experiment)).trials)
+
+
+# ---- driver-side preparation ------------------------------------------------------------------------------------
+def _check_output_dir(output_dir: Path, resume: bool) -> None:
+    from ray import tune
+
+    experiment = output_dir / EXPERIMENT_DIR
+    if resume and not tune.Tuner.can_restore(str(experiment)):
+        raise ValueError(f"--resume: no sweep to resume in {output_dir} (expected {experiment}); drop --resume")
+    if not resume and experiment.exists():
+        raise ValueError(
+            f"{output_dir} already holds a sweep ({experiment}): pass --resume to continue it, "
+            "or choose another --output_dir"
+        )
+
+
+def _absolute_paths(config: CMANConfig, output_dir: Path) -> CMANConfig:
+    """Tune and Train chdir into their own folders: make data.root and output_dir absolute."""
+    overrides: dict[str, Any] = {"output_dir": str(output_dir)}
+    if config.data.root:
+        overrides["data.root"] = str(Path(config.data.root).resolve())
+    return config.with_overrides(overrides)
+
+
+def _mlflow_setup(config: CMANConfig, output_dir: Path, resume: bool) -> dict[str, str]:
+    """Tracking URI, the sweep experiment and its parent run (reused on resume); stored in D/sweep.json."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tuning import registry
+
+    uri = registry.tracking_uri(config.mlflow.tracking_uri, output_dir)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    state_path = output_dir / STATE_FILE
+    previous = json.loads(state_path.read_text()) if resume and state_path.is_file() else {}
+    name = previous.get("experiment") or f"{config.mlflow.experiment}-sweep-{output_dir.name}"
+    experiment_id = registry.ensure_experiment(client, name, output_dir / "mlartifacts")
+    sweep_params = {
+        "num_samples": config.tune.num_samples,
+        "max_concurrent": config.tune.max_concurrent,
+        "epochs": config.training.epochs,
+        "grace_period": config.tune.grace_period,
+        "reduction_factor": config.tune.reduction_factor,
+        "seed": config.tune.seed,
+        "space": json.dumps(config.tune.space.model_dump(mode="json")),
+    }
+    parent = registry.parent_run(client, experiment_id, previous.get("parent_run_id"), sweep_params)
+    state = {"tracking_uri": uri, "experiment": name, "experiment_id": experiment_id, "parent_run_id": parent}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state_path.write_text(json.dumps(state, indent=2))
+    config.save(output_dir / "config.yaml")
+    return state
+
+
+# ---- after the trials -------------------------------------------------------------------------------------------
+def _finish(config: CMANConfig, output_dir: Path, results, mlflow_state: dict[str, str]) -> dict[str, Any]:
+    """Best trial → D/best (+ test eval), report files, MLflow parent artifacts, model registry."""
+    from mlflow import MlflowClient
+
+    from tuning import best as best_mod
+    from tuning import registry
+    from tuning.report import write_report
+
+    client = MlflowClient(mlflow_state["tracking_uri"])
+    parent = mlflow_state["parent_run_id"]
+    report = write_report(results, output_dir, seed=config.tune.seed)
+    table = report["table"]
+    winner = best_mod.best_result(results)
+    source, val_rsum = best_mod.best_checkpoint(winner)
+    best_dir = best_mod.copy_checkpoint(source, output_dir / "best")
+    split, root = config.data.test_split, config.data.root
+    test = best_mod.evaluate_best(best_dir, split, root)
+    winner_id = best_mod.trial_id(winner)
+    baseline_id = table["trial_id"].iloc[0]  # trial 0: the config's own values (points_to_evaluate)
+    baseline = next(r for r in results if best_mod.trial_id(r) == baseline_id)
+    if baseline_id == winner_id:
+        baseline_test = test
+    else:
+        baseline_test = best_mod.evaluate_checkpoint(best_mod.best_checkpoint(baseline)[0], split, root=root)
+    runs = registry.trial_runs(client, mlflow_state["experiment_id"])
+    run_id = runs[winner_id]
+    registry.log_checkpoint(client, run_id, best_dir)
+    model = registry.register_best(client, run_id, {"test_rsum": test["rsum"], "val_rsum": val_rsum})
+    for path in [*report["files"], best_dir / f"eval_{split}.json"]:
+        client.log_artifact(parent, str(path))
+    summary_metrics = {
+        "best_val_rsum": val_rsum,
+        "best_test_rsum": test["rsum"],
+        "baseline_test_rsum": baseline_test["rsum"],
+        "n_trials": len(table),
+        "n_stopped_early": int((table["epochs"] < config.training.epochs).sum()),
+    }
+    for key, value in summary_metrics.items():
+        client.log_metric(parent, key, float(value))
+    for key, value in report["importance"].items():
+        client.log_metric(parent, f"importance_{key}", float(value))
+    client.set_tag(parent, "best_trial_id", winner_id)
+    client.set_terminated(parent, "FINISHED")
+    return {
+        "best_params": trial_params(winner.config),
+        "best_trial_id": winner_id,
+        "best_checkpoint": str(best_dir),
+        "val_rsum": val_rsum,
+        "test": test,
+        "baseline": {
+            "trial_id": baseline_id,
+            "params": trial_params(baseline.config),
+            "test_rsum": baseline_test["rsum"],
+        },
+        "n_trials": len(table),
+        "n_stopped_early": summary_metrics["n_stopped_early"],
+        "results_csv": str(output_dir / "tune_results.csv"),
+        "importance": report["importance"],
+        "model": model,
+        "mlflow": {**mlflow_state, "best_run_id": run_id},
+    }
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from cman.metrics import format_table
+
+    best = summary["best_params"]
+    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.items())
+    model = summary["model"]
+    state = summary["mlflow"]
+    print(f"\nsweep: {summary['n_trials']} trials ({summary['n_stopped_early']} stopped early by ASHA)")
+    print(f"best trial {summary['best_trial_id']}: {params}  val rsum {summary['val_rsum']:.2f}")
+    print(
+        f"baseline (trial 0) test rsum {summary['baseline']['test_rsum']:.2f} -> best test rsum "
+        f"{summary['test']['rsum']:.2f}"
+    )
+    print(format_table(summary["test"]))
+    print(f"best checkpoint: {summary['best_checkpoint']}   results: {summary['results_csv']}")
+    verdict = "now @champion" if model["promoted"] else f"@champion stays on version {model['champion_version']}"
+    print(f"registered model {model['name']} version {model['version']} ({verdict})")
+    print(f"MLflow: mlflow ui --backend-store-uri {state['tracking_uri']}   (experiment {state['experiment']})")
+
+
+def run_sweep(
+    config: CMANConfig, output_dir: str | Path, resume: bool = False, address: str | None = None
+) -> dict[str, Any]:
+    """Run (or with `resume` continue) the sweep in `output_dir`; see the module docstring for what it leaves.
+
+    Returns the best trial's params and id, `best_checkpoint` (D/best), its `test` result, the baseline's test
+    rsum, `n_trials`, the registered model version and the MLflow ids.
+    """
+    import ray
+
+    from jobs.train import _init_ray
+    from tuning.registry import TrialLogger
+    from tuning.resources import ReleasePlacementGroups
+
+    output_dir = Path(output_dir).resolve()
+    validate_space(config)  # one clear ConfigError before Ray or MLflow start
+    config = _absolute_paths(config, output_dir)
+    _check_output_dir(output_dir, resume)
+    mlflow_state = _mlflow_setup(config, output_dir, resume)
+    started = _init_ray(address)  # False when the caller (a test, a job) already runs Ray
+    try:
+        logger_cb = TrialLogger(
+            tracking_uri=mlflow_state["tracking_uri"],
+            experiment_name=mlflow_state["experiment"],
+            tags={"mlflow.parentRunId": mlflow_state["parent_run_id"], "cman.kind": "trial"},
+        )
+        releaser = ReleasePlacementGroups(str(output_dir / TRIALS_DIR))
+        results = _fit(config, output_dir, resume, [logger_cb, releaser])
+        finished = _finished_trials(output_dir / EXPERIMENT_DIR)
+        if finished < config.tune.num_samples:
+            raise RuntimeError(
+                f"sweep interrupted after {finished}/{config.tune.num_samples} trials; continue it with "
+                f"`cman tune --config ... --output_dir {output_dir} --resume`"
+            )
+        summary = _finish(config, output_dir, results, mlflow_state)
+    finally:
+        if started:
+            ray.shutdown()
+    (output_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _print_summary(summary)
+    return summary
