@@ -66,6 +66,12 @@ class ModalityEncoderServer:
             return self.processor.features(self.processor.load(payload))
         except DataError as err:
             return {"error": str(err), "status": 415 if self.modality != Modality.TEXT else 400}
+        except Exception as err:  # noqa: BLE001 - odd media must fail this request only, not the batch
+            logger.warning("%s input could not be preprocessed: %r", self.modality.value, err)
+            return {
+                "error": f"{self.modality.value} input could not be preprocessed ({type(err).__name__}: {err})",
+                "status": 415 if self.modality != Modality.TEXT else 400,
+            }
 
     @torch.no_grad()
     def _run(self, features: list[dict[str, torch.Tensor]]) -> list[dict[str, np.ndarray]]:
