@@ -35,6 +35,7 @@ from torch.utils.data import DistributedSampler
 
 from cman.config import CMANConfig, from_dict
 from cman.engine import (
+    compile_model,
     create_state,
     end_epoch,
     finish,
@@ -67,6 +68,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     seed_everything(tc.seed)
     train_items = load_items(config, config.data.train_split)
+    if world > 1 and len(train_items) // world < tc.batch_size:
+        raise ValueError(
+            f"{len(train_items)} training items over {world} workers leave fewer than training.batch_size="
+            f"{tc.batch_size} per worker (batch_size is per worker): lower it or ray.num_workers"
+        )
     val_items = load_items(config, config.data.val_split)
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
@@ -78,6 +84,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(
         state.model, move_to_device=device, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
+    compile_model(state.model, tc.compile)  # in place: the DDP wrapper runs the compiled modules
     dtype = amp_dtype(device, tc.mixed_precision)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     sampler = (

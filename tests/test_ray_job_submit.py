@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -62,7 +63,13 @@ def head_node() -> Iterator[dict]:
     """`ray start --head --block` from this venv (so the job's `python` is the venv's), on free ports."""
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # unix socket paths must stay short
     gcs, dashboard, *others = _free_ports(9)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # stop at once on SIGTERM (no 30 s drain)
+    }
     env.pop("RAY_ADDRESS", None)
     flags = [
         "--ray-client-server-port",
@@ -120,6 +127,8 @@ def head_node() -> Iterator[dict]:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        Path(f"{temp_dir}.log").unlink(missing_ok=True)
         assert not [pid for pid in started if _alive(pid)], "processes of our head node survived"
 
 
@@ -129,7 +138,8 @@ def test_ray_job_submit_trains_and_tracks(head_node: dict, demo_root: Path, tmp_
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     out = tmp_path / "job_run"
-    runtime_env = {"working_dir": str(REPO), "excludes": UPLOAD_EXCLUDES}
+    # as in the README; HF_HUB_OFFLINE here also checks that run_training does not set it again (a conflict)
+    runtime_env = {"excludes": UPLOAD_EXCLUDES, "env_vars": {"HF_HUB_OFFLINE": "1"}}
     overrides = {
         "data.root": demo_root,
         "data.max_items": 24,
@@ -152,6 +162,8 @@ def test_ray_job_submit_trains_and_tracks(head_node: dict, demo_root: Path, tmp_
             "--address",
             head_node["url"],
             "--no-wait",
+            "--working-dir",
+            str(REPO),
             "--runtime-env-json",
             json.dumps(runtime_env),
             "--",
