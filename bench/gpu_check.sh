@@ -35,6 +35,10 @@ for name in ("torch", "transformers", "peft", "pydantic", "soundfile", "soxr", "
         missing.append(f"{name} ({err})")
 if missing:
     sys.exit("gpu_check: missing packages, carry them as wheels in .whl/: " + ", ".join(missing))
+try:
+    import cman.models.cman  # noqa: F401  (fails on a transformers too old for cman, e.g. no ViTImageProcessorPil)
+except ImportError as err:
+    sys.exit(f"gpu_check: cman does not import ({err}); carry transformers>=5.24 (+ tokenizers, huggingface_hub)")
 import torch, transformers
 print(f"torch {torch.__version__}  transformers {transformers.__version__}  cuda {torch.cuda.is_available()}")
 if not torch.cuda.is_available():

@@ -145,20 +145,21 @@ def write_synthetic_dataset(root: Path, n: int, seconds: float, seed: int = 0) -
     return root
 
 
-def gemm_rate(device: torch.device, dtype: torch.dtype, n: int, seconds: float) -> float:
-    """Dense n x n x n matmul FLOP/s, measured over about `seconds` after warm-up."""
+def gemm_rate(device: torch.device, dtype: torch.dtype, n: int, seconds: float) -> tuple[float, float]:
+    """Dense n x n x n matmul FLOP/s over about `seconds` after warm-up: per wall second, per CPU second."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         torch.mm(a, b)
     _sync(device)
-    iters, start = 0, time.perf_counter()
+    iters, start, cpu_start = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         for _ in range(4):
             torch.mm(a, b)
         iters += 4
         _sync(device)
-    return 2.0 * n**3 * iters / (time.perf_counter() - start)
+    flops = 2.0 * n**3 * iters
+    return flops / (time.perf_counter() - start), flops / max(time.process_time() - cpu_start, 1e-9)
 
 
 def _sync(device: torch.device) -> None:
@@ -167,25 +168,28 @@ def _sync(device: torch.device) -> None:
 
 
 def loader_rates(config: CMANConfig, model: CMAN, items: list, cache_dir: Path) -> dict[str, Any]:
-    """Samples/s from disk through decode + preprocessing + collate, without and with the feature cache."""
+    """Samples/s (and per CPU second) from disk through decode + preprocessing + collate, without/with the cache."""
     plain = config.with_overrides({"data.cache_features": False, "data.cache_dir": None})
     cached = config.with_overrides({"data.cache_features": False, "data.cache_dir": str(cache_dir)})
 
-    def one_pass(cfg: CMANConfig) -> float:
-        start = time.perf_counter()
+    def one_pass(cfg: CMANConfig) -> tuple[float, float]:
+        start, cpu_start = time.perf_counter(), time.process_time()
         count = sum(len(batch["ids"]) for batch in make_loader(cfg, model, items, train=False))
-        return count / (time.perf_counter() - start)
+        return count / (time.perf_counter() - start), count / max(time.process_time() - cpu_start, 1e-9)
 
-    uncached = one_pass(plain)
+    uncached, uncached_cpu = one_pass(plain)
     start = time.perf_counter()
     make_loader(cached, model, items, train=False)  # builds the cache
     build_s = time.perf_counter() - start
+    cached_rate, cached_cpu = one_pass(cached)
     return {
         "items": len(items),
         "num_workers": config.data.num_workers,
         "uncached_samples_per_s": uncached,
+        "uncached_samples_per_cpu_s": uncached_cpu,
         "cache_build_s": build_s,
-        "cached_samples_per_s": one_pass(cached),
+        "cached_samples_per_s": cached_rate,
+        "cached_samples_per_cpu_s": cached_cpu,
     }
 
 
@@ -247,7 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     step_cpu_s = (time.process_time() - cpu_start) / args.steps  # CPU seconds: honest under CPU contention
     gemm_dtype = dtype or torch.float32
     gemm_n = args.gemm_size or (8192 if device.type == "cuda" else 2048)
-    gemm = gemm_rate(device, gemm_dtype, gemm_n, args.gemm_seconds)
+    gemm, gemm_cpu = gemm_rate(device, gemm_dtype, gemm_n, args.gemm_seconds)
     batch_size = int(batch["groups"].numel())
     step_s = stats["seconds"] / args.steps
     samples_per_s = batch_size / step_s
@@ -272,10 +276,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "flops_per_step": flops,
         "flops_per_sample": flops / batch_size,
         "achieved_flops_per_s": achieved,
-        "gemm": {"size": gemm_n, "dtype": str(gemm_dtype).removeprefix("torch."), "flops_per_s": gemm},
+        "gemm": {
+            "size": gemm_n,
+            "dtype": str(gemm_dtype).removeprefix("torch."),
+            "flops_per_s": gemm,
+            "flops_per_cpu_s": gemm_cpu,
+        },
         "mfu": achieved / gemm,
+        # per CPU second (CPU only): step FLOPs / step CPU time over GEMM FLOPs / GEMM CPU time; robust to sharing
+        "mfu_cpu_time": (flops / step_cpu_s) / gemm_cpu if device.type == "cpu" else None,
         "loader": loader,
-        "bound": _bound(samples_per_s, loader),
+        "samples_per_cpu_s": batch_size / step_cpu_s,
+        "bound": _bound(samples_per_s, batch_size / step_cpu_s, loader, device.type == "cpu"),
         "attention": attention_implementations(model),
         "parameters": {"trainable": trainable, "total": total},
         "compile": args.compile,
@@ -287,12 +299,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _bound(train_sps: float, loader: dict[str, Any] | None) -> dict[str, str] | None:
+def _bound(train_sps: float, train_cpu_sps: float, loader: dict[str, Any] | None, cpu: bool) -> dict | None:
+    """'data' where loading alone is slower than the train step. On a CPU both compete for the same cores, so the
+    comparison uses samples per CPU second (robust to other jobs sharing the machine)."""
     if loader is None:
         return None
-    return {
-        name: "data" if loader[f"{name}_samples_per_s"] < train_sps else "compute" for name in ("uncached", "cached")
-    }
+    suffix, train = ("_samples_per_cpu_s", train_cpu_sps) if cpu else ("_samples_per_s", train_sps)
+    return {name: "data" if loader[name + suffix] < train else "compute" for name in ("uncached", "cached")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -38,7 +38,24 @@ def load_backbone(cfg: EncoderConfig, vocab_size: int | None = None, source: str
     if vocab_size is not None and model_type in ("roberta", "bert", "xlm-roberta"):
         init["vocab_size"] = vocab_size
     config = AutoConfig.for_model(model_type, **init)
-    return AutoModel.from_config(config, **kwargs)
+    return _init_zero_embeddings(AutoModel.from_config(config, **kwargs))
+
+
+def _init_zero_embeddings(model: nn.Module) -> nn.Module:
+    """Random init only: truncated-normal (as ViT) for embedding tokens that HF leaves at zero.
+
+    AST zero-initialises its cls/distillation tokens and position embeddings (harmless for a pretrained model). From
+    scratch, the first LayerNorm then sees an all-zero cls vector whose gradient is ~1/sqrt(eps) = 1e6: the audio
+    encoder's gradient norm dwarfs the others' and global gradient clipping stops every encoder from learning.
+    """
+    embeddings = getattr(model, "embeddings", None)
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    for name in ("cls_token", "distillation_token", "position_embeddings"):
+        param = getattr(embeddings, name, None)
+        if isinstance(param, nn.Parameter) and not bool(param.detach().any()):
+            with torch.no_grad():
+                nn.init.trunc_normal_(param, std=std)
+    return model
 
 
 class ModalityEncoder(nn.Module):
