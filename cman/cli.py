@@ -26,13 +26,23 @@ EXAMPLES = """examples:
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set training.epochs=3 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set training.epochs=3 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cman", description="Cross-modal retrieval across text, speech and images.",
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="cman",
+        description="Cross-modal retrieval across text, speech and images.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -156,8 +166,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_import_digits(args: argparse.Namespace) -> int:
     from cman.data.importers import import_digits
 
-    counts = import_digits(args.fsdd, args.out_dir, test_speakers=tuple(_csv(args.test_speakers)),
-                           val_speakers=tuple(_csv(args.val_speakers)), seed=args.seed)
+    counts = import_digits(
+        args.fsdd,
+        args.out_dir,
+        test_speakers=tuple(_csv(args.test_speakers)),
+        val_speakers=tuple(_csv(args.val_speakers)),
+        seed=args.seed,
+    )
     print(f"digits dataset written to {args.out_dir}: {counts}")
     return 0
 
@@ -218,8 +233,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from tuning.sweep import run_sweep
 
-    extra = {"tune.num_samples": args.num_samples, "tune.max_concurrent": args.max_concurrent,
-             "output_dir": args.output_dir}
+    extra = {
+        "tune.num_samples": args.num_samples,
+        "tune.max_concurrent": args.max_concurrent,
+        "output_dir": args.output_dir,
+    }
     config = _load(args, extra)
     run_sweep(config, Path(config.output_dir).resolve(), resume=args.resume, address=args.address)
     return 0
@@ -258,8 +276,11 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     _quiet_libraries()
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -37,7 +37,9 @@ class EncoderConfig(_Section):
     max_seconds: float = Field(default=10.0, gt=0, description="audio clips are cut to this length")
     image_size: int | None = Field(default=None, gt=0, description="random-init image encoders: input size")
     length_percentile: float | None = Field(
-        default=None, gt=0, le=100,
+        default=None,
+        gt=0,
+        le=100,
         description="random-init AST: set max_length (fbank frames) to cover this percentile of the training clips",
     )
 
@@ -79,9 +81,7 @@ class ModelConfig(_Section):
         if not self.modalities:
             raise ValueError("configure at least one of model.text / model.audio / model.image")
         if self.embedding_dim % self.fusion.heads:
-            raise ValueError(
-                f"embedding_dim {self.embedding_dim} is not divisible by fusion.heads {self.fusion.heads}"
-            )
+            raise ValueError(f"embedding_dim {self.embedding_dim} is not divisible by fusion.heads {self.fusion.heads}")
         return self
 
     @property

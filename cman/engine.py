@@ -64,8 +64,9 @@ def make_loader(
     batch_size: int | None = None,
 ) -> DataLoader:
     store = FeatureCache(config.data.cache_dir, items, model.processors) if config.data.cache_dir else None
-    dataset = CMANDataset(items, model.processors, config.data.skip_bad_items, cache=config.data.cache_features,
-                          store=store)
+    dataset = CMANDataset(
+        items, model.processors, config.data.skip_bad_items, cache=config.data.cache_features, store=store
+    )
     generator = torch.Generator().manual_seed(config.training.seed)
     size = batch_size or (config.training.batch_size if train else config.training.eval_batch_size)
     return DataLoader(
@@ -101,8 +102,9 @@ class TrainState:
         )
 
 
-def create_state(config: CMANConfig, train_items: list[Item], steps_per_epoch: int,
-                 resume_from: Path | None = None) -> TrainState:
+def create_state(
+    config: CMANConfig, train_items: list[Item], steps_per_epoch: int, resume_from: Path | None = None
+) -> TrainState:
     """A fresh model/optimiser/scheduler, or those of `resume_from` (a checkpoint with training state)."""
     if resume_from is not None:
         model = CMAN.from_pretrained(resume_from, trainable=True)
@@ -182,9 +184,17 @@ def fit(
     return finish(config, output_dir, state.history, progress)
 
 
-def train_one_epoch(config: CMANConfig, state: TrainState, loader: DataLoader, device: torch.device,
-                    dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None, *,
-                    model: torch.nn.Module | None = None, progress: bool = True) -> dict[str, float]:
+def train_one_epoch(
+    config: CMANConfig,
+    state: TrainState,
+    loader: DataLoader,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+    *,
+    model: torch.nn.Module | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
     """Train `state` for one epoch (seeded by epoch number, so a resumed run repeats it exactly).
 
     `model` is what runs forward/backward: `state.model` itself, or a DDP wrapper of it (jobs/train.py).
@@ -193,26 +203,46 @@ def train_one_epoch(config: CMANConfig, state: TrainState, loader: DataLoader, d
     torch.manual_seed(tc.seed + state.epoch)
     if getattr(loader, "generator", None) is not None:  # the shuffle order depends only on the epoch too
         loader.generator.manual_seed(tc.seed + state.epoch)
-    return train_epoch(model or state.model, loader, state.loss_fn, state.optimizer, state.scheduler,
-                       device=device, dtype=dtype, scaler=scaler, grad_accum=tc.grad_accum, grad_clip=tc.grad_clip,
-                       progress=progress, desc=f"epoch {state.epoch + 1}/{tc.epochs}")
+    return train_epoch(
+        model or state.model,
+        loader,
+        state.loss_fn,
+        state.optimizer,
+        state.scheduler,
+        device=device,
+        dtype=dtype,
+        scaler=scaler,
+        grad_accum=tc.grad_accum,
+        grad_clip=tc.grad_clip,
+        progress=progress,
+        desc=f"epoch {state.epoch + 1}/{tc.epochs}",
+    )
 
 
-def end_epoch(config: CMANConfig, state: TrainState, stats: dict[str, float],
-              val: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def end_epoch(
+    config: CMANConfig, state: TrainState, stats: dict[str, float], val: dict[str, Any]
+) -> tuple[dict[str, Any], bool]:
     """Advance the epoch, append its history record; True if `val` improved on the best rsum so far."""
     state.epoch += 1
     record = {"epoch": state.epoch, "train_loss": stats["loss"], "val_rsum": val["rsum"], "seconds": stats["seconds"]}
     state.history.append(record)
-    logger.info("epoch %d/%d  loss %.4f  val rsum %.1f  (%.1fs)", state.epoch, config.training.epochs, stats["loss"],
-                val["rsum"], stats["seconds"])
+    logger.info(
+        "epoch %d/%d  loss %.4f  val rsum %.1f  (%.1fs)",
+        state.epoch,
+        config.training.epochs,
+        stats["loss"],
+        val["rsum"],
+        stats["seconds"],
+    )
     improved = val["rsum"] > state.best_rsum
     if improved:
         state.best_rsum = val["rsum"]
     return record, improved
 
 
-def finish(config: CMANConfig, output_dir: Path, history: list[dict[str, Any]], progress: bool = False) -> dict[str, Any]:
+def finish(
+    config: CMANConfig, output_dir: Path, history: list[dict[str, Any]], progress: bool = False
+) -> dict[str, Any]:
     """Evaluate checkpoints/best on the test split, write eval_<split>.json, return the report."""
     split = config.data.test_split
     result = evaluate_checkpoint(output_dir / "checkpoints" / "best", split, config.data.root, progress=progress)
@@ -221,8 +251,9 @@ def finish(config: CMANConfig, output_dir: Path, history: list[dict[str, Any]], 
     return {"history": history, "test": result, "eval_path": str(path)}
 
 
-def evaluate_checkpoint(checkpoint: str | Path, split: str, root: str | None = None,
-                        progress: bool = False) -> dict[str, Any]:
+def evaluate_checkpoint(
+    checkpoint: str | Path, split: str, root: str | None = None, progress: bool = False
+) -> dict[str, Any]:
     """Load `checkpoint` and compute six-direction metrics on `split` of its (or `root`'s) dataset."""
     model = CMAN.from_pretrained(checkpoint)
     config = model.config
@@ -235,6 +266,13 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str, root: str | None = N
 
 
 __all__ = [
-    "TrainState", "create_state", "end_epoch", "evaluate_checkpoint", "finish", "fit", "format_table", "make_loader",
+    "TrainState",
+    "create_state",
+    "end_epoch",
+    "evaluate_checkpoint",
+    "finish",
+    "fit",
+    "format_table",
+    "make_loader",
     "train_one_epoch",
 ]

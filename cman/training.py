@@ -64,14 +64,20 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig, fused: bool = False) 
         groups.setdefault((is_encoder, no_decay), []).append(param)
     enc_lr = cfg.encoder_learning_rate or cfg.learning_rate
     param_groups = [
-        {"params": params, "lr": enc_lr if is_enc else cfg.learning_rate, "weight_decay": 0.0 if nd else cfg.weight_decay}
+        {
+            "params": params,
+            "lr": enc_lr if is_enc else cfg.learning_rate,
+            "weight_decay": 0.0 if nd else cfg.weight_decay,
+        }
         for (is_enc, nd), params in sorted(groups.items())
     ]
     kwargs = {"fused": True} if fused and torch.cuda.is_available() else {}
     return torch.optim.AdamW(param_groups, **kwargs)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up then cosine decay to 0 over `total_steps` optimiser steps."""
     warmup = max(1, int(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
 
@@ -203,7 +209,7 @@ def compute_embeddings(
         for modality, emb in per_modality.items():
             present = batch["present"][modality].cpu().numpy()
             keys.setdefault(modality, []).extend(batch["keys"][modality])
-            groups.setdefault(modality, []).extend(g for g, p in zip(batch["group_names"], present) if p)
+            groups.setdefault(modality, []).extend(g for g, p in zip(batch["group_names"], present, strict=True) if p)
             vectors.setdefault(modality, []).append(emb.float().cpu().numpy())
     return {
         m: EmbeddingSet(keys=keys[m], groups=groups[m], embeddings=np.concatenate(vectors[m]).astype(np.float32))
@@ -211,8 +217,13 @@ def compute_embeddings(
     }
 
 
-def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device,
-             dtype: torch.dtype | None = None, progress: bool = False) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Six-direction retrieval metrics of `model` on `loader`."""
     return evaluate_embeddings(compute_embeddings(model, loader, device, dtype, progress))
 
@@ -227,8 +238,9 @@ def flat_metrics(result: dict[str, Any], prefix: str = "val_") -> dict[str, floa
 
 
 # ---- resumable optimiser / scheduler / RNG state (safetensors + JSON, no pickle) -----------------------------------
-def save_training_state(directory: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any,
-                        extra: dict[str, Any]) -> None:
+def save_training_state(
+    directory: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any, extra: dict[str, Any]
+) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = optimizer.state_dict()

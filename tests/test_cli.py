@@ -8,13 +8,24 @@ import sys
 import pytest
 from tiny import REPO
 
-SUBCOMMANDS = [["demo-data"], ["data", "validate"], ["data", "import-digits"], ["data", "import-coco"], ["train"],
-               ["eval"], ["tune"], ["index"], ["serve"], ["quickstart"]]
+SUBCOMMANDS = [
+    ["demo-data"],
+    ["data", "validate"],
+    ["data", "import-digits"],
+    ["data", "import-coco"],
+    ["train"],
+    ["eval"],
+    ["tune"],
+    ["index"],
+    ["serve"],
+    ["quickstart"],
+]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cman.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "cman.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
 
 
 def test_help_for_every_subcommand():
@@ -34,16 +45,21 @@ def test_help_for_every_subcommand():
         (["train", "--config", "configs/demo.yaml", "--set", "peft.rank=0"], "peft.rank: Input should be greater"),
         (["train", "--config", "configs/demo.yaml", "--set", "nokey"], "expected KEY=VALUE"),
         (["eval", "--config", "configs/demo.yaml", "--checkpoint", "/nonexistent"], "is not a CMAN checkpoint"),
-        (["data", "validate", "--config", "configs/demo.yaml", "--set", "data.root=/nonexistent"],
-         "metadata file /nonexistent/metadata/train_metadata.json not found"),
+        (
+            ["data", "validate", "--config", "configs/demo.yaml", "--set", "data.root=/nonexistent"],
+            "metadata file /nonexistent/metadata/train_metadata.json not found",
+        ),
         (["data", "import-digits", "/tmp/x", "--fsdd", "/nonexistent"], "error"),
     ],
 )
 def test_errors_are_one_line_without_traceback(args, message):
     proc = run_cli(*args)
     assert proc.returncode == 1, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line
-             and not line.startswith("  ")]
+    lines = [
+        line
+        for line in proc.stderr.splitlines()
+        if line.strip() and "Warning" not in line and not line.startswith("  ")
+    ]
     assert len(lines) == 1, proc.stderr
     assert message in lines[0] and "Traceback" not in proc.stderr
 

@@ -30,8 +30,16 @@ def test_default_matches_the_seed_defaults():
 
 
 def test_overrides_reach_any_key_and_parse_yaml_values():
-    cfg = load_config(CONFIGS / "demo.yaml", ["peft.rank=16", "training.learning_rate=3e-4", "data.root=/x",
-                                               "model.image.init.image_size=32", "tune.space.rank=[4, 8]"])
+    cfg = load_config(
+        CONFIGS / "demo.yaml",
+        [
+            "peft.rank=16",
+            "training.learning_rate=3e-4",
+            "data.root=/x",
+            "model.image.init.image_size=32",
+            "tune.space.rank=[4, 8]",
+        ],
+    )
     assert cfg.peft.rank == 16 and cfg.training.learning_rate == 3e-4 and cfg.data.root == "/x"
     assert cfg.model.image.init["image_size"] == 32 and cfg.tune.space.rank == [4, 8]
 

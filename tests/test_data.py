@@ -28,17 +28,27 @@ def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(
-        b"IEND", b""
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
     )
 
 
 BAD_FILES = {  # item id -> (modality, file name, bytes or writer, expected message)
     "missing_audio": ("audio", "nope.wav", None, r"audio file .*nope\.wav \(item missing_audio\) does not exist"),
-    "corrupt_audio": ("audio", "junk.wav", b"RIFF....not audio at all", r"junk\.wav \(item corrupt_audio\) could not be decoded"),
+    "corrupt_audio": (
+        "audio",
+        "junk.wav",
+        b"RIFF....not audio at all",
+        r"junk\.wav \(item corrupt_audio\) could not be decoded",
+    ),
     "empty_audio": ("audio", "empty.wav", "empty-wav", r"empty\.wav \(item empty_audio\) is empty or too short"),
     "missing_image": ("image", "nope.png", None, r"image file .*nope\.png \(item missing_image\) does not exist"),
-    "corrupt_image": ("image", "junk.png", b"\x89PNG garbage", r"junk\.png \(item corrupt_image\) could not be decoded"),
+    "corrupt_image": (
+        "image",
+        "junk.png",
+        b"\x89PNG garbage",
+        r"junk\.png \(item corrupt_image\) could not be decoded",
+    ),
     "truncated_image": ("image", "cut.png", "truncated-png", r"cut\.png \(item truncated_image\) could not be decoded"),
     "bomb_image": ("image", "bomb.png", _bomb_png(), r"bomb\.png \(item bomb_image\) is (too large|100000x100000)"),
 }
@@ -93,8 +103,18 @@ def test_skip_bad_items_counts_them(dataset):
 
 
 def test_validate_lists_every_problem(dataset, tmp_path, capsys):
-    code = cli.main(["data", "validate", "--config", str(REPO / "configs/demo.yaml"), "--set", f"data.root={dataset}",
-                     "--split", "train"])
+    code = cli.main(
+        [
+            "data",
+            "validate",
+            "--config",
+            str(REPO / "configs/demo.yaml"),
+            "--set",
+            f"data.root={dataset}",
+            "--split",
+            "train",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 1
     assert f"train: {len(BAD_FILES) + 2} items, {len(BAD_FILES) + 1} problems" in out

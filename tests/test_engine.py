@@ -33,9 +33,7 @@ def test_fit_writes_checkpoints_and_eval_json(demo_root, tmp_path):
     for values in result["directions"].values():
         assert {"R@1", "R@5", "R@10", "medR"} <= set(values)
         assert 0 <= values["R@1"] <= values["R@5"] <= values["R@10"] <= 100
-    assert result["rsum"] == pytest.approx(
-        sum(v["R@1"] + v["R@5"] + v["R@10"] for v in result["directions"].values())
-    )
+    assert result["rsum"] == pytest.approx(sum(v["R@1"] + v["R@5"] + v["R@10"] for v in result["directions"].values()))
     assert [h["epoch"] for h in report["history"]] == [1, 2]
     # the best checkpoint alone reproduces its metrics
     again = evaluate_checkpoint(tmp_path / "run/checkpoints/best", "test")

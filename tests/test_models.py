@@ -115,8 +115,16 @@ def test_mismatched_base_model_is_a_clear_error(tiny, tmp_path):
     from transformers import RobertaConfig, RobertaModel
 
     other = tmp_path / "other_text"
-    RobertaModel(RobertaConfig(vocab_size=120, hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64, max_position_embeddings=40)).save_pretrained(other)
+    RobertaModel(
+        RobertaConfig(
+            vocab_size=120,
+            hidden_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=40,
+        )
+    ).save_pretrained(other)
     cfg_path = tmp_path / "ckpt" / "config.yaml"
     cfg_path.write_text(cfg_path.read_text().replace(str(tiny["dirs"]["text"]), str(other)))
     with pytest.raises(ValueError, match=r"text base model .* does not match .*hidden_size: checkpoint 32 vs base 48"):
@@ -131,14 +139,18 @@ def test_not_a_checkpoint(tmp_path):
 def test_default_sizes_keep_lora_trainable_share_near_seed():
     """roberta-base / AST-base / ViT-base sizes, random-init (no download): LoRA r=8 keeps ~0.57 % of the encoders."""
     base = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
-    cfg = CMANConfig.model_validate({
-        "model": {
-            "text": {"init": {"model_type": "roberta", "vocab_size": 50265, "max_position_embeddings": 514, **base}},
-            "audio": {"init": {"model_type": "audio-spectrogram-transformer", "max_length": 1024, **base}},
-            "image": {"init": {"model_type": "vit", "image_size": 224, "patch_size": 16, **base}},
-        },
-        "peft": {"rank": 8, "alpha": 16},
-    })
+    cfg = CMANConfig.model_validate(
+        {
+            "model": {
+                "text": {
+                    "init": {"model_type": "roberta", "vocab_size": 50265, "max_position_embeddings": 514, **base}
+                },
+                "audio": {"init": {"model_type": "audio-spectrogram-transformer", "max_length": 1024, **base}},
+                "image": {"init": {"model_type": "vit", "image_size": 224, "patch_size": 16, **base}},
+            },
+            "peft": {"rank": 8, "alpha": 16},
+        }
+    )
     model = build_model(cfg, captions=["a caption"] * 4)
     encoders = model.encoders
     lora = sum(p.numel() for n, p in encoders.named_parameters() if "lora_" in n)

@@ -42,8 +42,14 @@ def save_tiny_backbones(root: Path, audio: str = "ast") -> dict[str, Path]:
         ASTModel(ASTConfig(num_mel_bins=32, max_length=64, **_TINY)).save_pretrained(dirs["audio"])
         ASTFeatureExtractor(num_mel_bins=32, max_length=64).save_pretrained(dirs["audio"])
     else:
-        cfg = HubertConfig(conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=16,
-                           num_conv_pos_embedding_groups=2, **_TINY)
+        cfg = HubertConfig(
+            conv_dim=(16, 16),
+            conv_stride=(5, 4),
+            conv_kernel=(10, 4),
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=2,
+            **_TINY,
+        )
         HubertModel(cfg).save_pretrained(dirs["audio"])
         Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True).save_pretrained(dirs["audio"])
     ViTModel(ViTConfig(image_size=32, patch_size=8, **_TINY)).save_pretrained(dirs["image"])
@@ -69,9 +75,16 @@ def pretrained_config(dirs: dict[str, Path], **overrides: Any) -> CMANConfig:
 def tiny_demo_config(root: Path | str, **overrides: Any) -> CMANConfig:
     """configs/demo.yaml shrunk to 1-layer, 32-wide encoders: trains in seconds."""
     small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
-    sets: dict[str, Any] = {"data.root": str(root), "training.epochs": 2, "training.batch_size": 8,
-                            "model.fusion.layers": 1, "model.fusion.width": 32, "model.fusion.ffn": 64,
-                            "model.fusion.heads": 2, "model.embedding_dim": 32}
+    sets: dict[str, Any] = {
+        "data.root": str(root),
+        "training.epochs": 2,
+        "training.batch_size": 8,
+        "model.fusion.layers": 1,
+        "model.fusion.width": 32,
+        "model.fusion.ffn": 64,
+        "model.fusion.heads": 2,
+        "model.embedding_dim": 32,
+    }
     for modality in ("text", "audio", "image"):
         for key, value in small.items():
             sets[f"model.{modality}.init.{key}"] = value

@@ -48,8 +48,10 @@ def load_split(root: str | Path, split: str, max_items: int | None = None) -> li
     """Parse `<root>/metadata/<split>_metadata.json`; structural problems are errors naming file and entry."""
     path = metadata_path(root, split)
     if not path.is_file():
-        raise DataError(f"metadata file {path} not found (expected the seed layout <root>/metadata/<split>_metadata.json)",
-                        path=str(path))
+        raise DataError(
+            f"metadata file {path} not found (expected the seed layout <root>/metadata/<split>_metadata.json)",
+            path=str(path),
+        )
     try:
         entries = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -67,13 +69,14 @@ def load_split(root: str | Path, split: str, max_items: int | None = None) -> li
 
 def _parse_entry(entry: Any, index: int, root: Path, split: str, path: Path) -> Item:
     if not isinstance(entry, dict) or "id" not in entry:
-        raise DataError(f"metadata file {path}: entry {index} must be an object with an \"id\"", path=str(path))
+        raise DataError(f'metadata file {path}: entry {index} must be an object with an "id"', path=str(path))
     item_id = str(entry["id"])
     audio, image = entry.get("audio_filename"), entry.get("image_filename")
     caption = entry.get("caption")
     if caption is None and not audio and not image:
-        raise DataError(f"metadata file {path}: item {item_id} has no caption, audio or image", item_id=item_id,
-                        path=str(path))
+        raise DataError(
+            f"metadata file {path}: item {item_id} has no caption, audio or image", item_id=item_id, path=str(path)
+        )
     group = entry.get("group")
     return Item(
         id=item_id,
@@ -169,7 +172,9 @@ class Collator:
         for modality, proc in self.processors.items():
             present = torch.tensor([modality in r["features"] for r in good], dtype=torch.bool)  # (batch,)
             if present.any():
-                batch["inputs"][modality] = proc.collate([r["features"][modality] for r in good if modality in r["features"]])
+                batch["inputs"][modality] = proc.collate(
+                    [r["features"][modality] for r in good if modality in r["features"]]
+                )
                 batch["present"][modality] = present
                 batch["keys"][modality] = [r["keys"][modality] for r in good if modality in r["features"]]
         return batch

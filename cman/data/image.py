@@ -13,7 +13,9 @@ from cman.data.errors import DataError
 MAX_PIXELS = 40_000_000  # a 40 MP photo is the largest we accept
 
 
-def decode_image(source: str | Path | bytes, *, item_id: str | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def decode_image(
+    source: str | Path | bytes, *, item_id: str | None = None, max_pixels: int = MAX_PIXELS
+) -> Image.Image:
     """Decode `source` (a path or raw bytes) to an RGB PIL image with its EXIF orientation applied."""
     path = None if isinstance(source, bytes) else Path(source)
     where = f"image file {path}" if path else "image upload"

@@ -128,7 +128,9 @@ def build_processor(modality: Modality, cfg: EncoderConfig, captions: list[str] 
         elif captions:
             tokenizer = train_tokenizer(captions, vocab_size=int(init.get("vocab_size", 1000)))
         else:
-            raise ValueError("model.text.init needs training captions to train a tokenizer (or set model.text.processor)")
+            raise ValueError(
+                "model.text.init needs training captions to train a tokenizer (or set model.text.processor)"
+            )
         return TextProcessor(tokenizer, max_length=cfg.max_length or 64)
     if modality == Modality.AUDIO:
         if source is not None:

@@ -32,7 +32,8 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int = 1000) -> PreTrain
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     words = Counter(
-        word for caption in captions
+        word
+        for caption in captions
         for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(caption))
     )
     chars = sorted({ch for word in words for ch in word})

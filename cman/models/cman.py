@@ -163,8 +163,10 @@ class CMAN(nn.Module):
         missing, unexpected = model.load_state_dict(heads, strict=False)
         missing = [k for k in missing if ".backbone." not in k]
         if missing or unexpected:
-            raise ValueError(f"checkpoint {directory}: heads do not match the model (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")
+            raise ValueError(
+                f"checkpoint {directory}: heads do not match the model (missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]})"
+            )
         if not trainable:
             model.eval()
             model.requires_grad_(False)
@@ -179,11 +181,7 @@ def _base_model(backbone: nn.Module) -> nn.Module:
 def _save_base(backbone: nn.Module, directory: Path) -> None:
     """Save the plain base weights (LoRA layers stripped) as a standard HF model directory."""
     base = _base_model(backbone)
-    state = {
-        k.replace(".base_layer.", "."): v
-        for k, v in base.state_dict().items()
-        if "lora_" not in k
-    }
+    state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
     base.save_pretrained(directory, state_dict=state)
 
 
@@ -221,6 +219,10 @@ def build_model(config: CMANConfig, captions: Iterable[str] | None = None) -> CM
         processors[modality] = proc
     model = CMAN(config, encoders, processors)
     trainable, total = count_parameters(model)
-    logger.info("CMAN built: %s trainable / %s total parameters (%.2f %%)", f"{trainable:,}", f"{total:,}",
-                100 * trainable / max(total, 1))
+    logger.info(
+        "CMAN built: %s trainable / %s total parameters (%.2f %%)",
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / max(total, 1),
+    )
     return model

@@ -16,8 +16,18 @@ from cman.models.lora import add_lora, lora_targets
 logger = logging.getLogger(__name__)
 
 # Fields of a backbone config that must match between a checkpoint's adapters and the base they are loaded onto.
-FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                    "vocab_size", "patch_size", "image_size", "num_mel_bins", "max_length")
+FINGERPRINT_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "patch_size",
+    "image_size",
+    "num_mel_bins",
+    "max_length",
+)
 
 
 def fingerprint(config: PretrainedConfig) -> dict[str, Any]:
@@ -61,9 +71,7 @@ def _init_zero_embeddings(model: nn.Module) -> nn.Module:
 class ModalityEncoder(nn.Module):
     """HF backbone (+ LoRA) → token sequence projected to the fusion width, with a validity mask."""
 
-    def __init__(
-        self, modality: Modality, backbone: nn.Module, width: int, dropout: float, max_tokens: int
-    ) -> None:
+    def __init__(self, modality: Modality, backbone: nn.Module, width: int, dropout: float, max_tokens: int) -> None:
         super().__init__()
         self.modality = Modality(modality)
         self.backbone = backbone
