@@ -102,3 +102,8 @@ def served_app(ray_session, trained_checkpoint: Path, demo_root: Path, tmp_path_
         "start_seconds": seconds,
     }
     serve.delete(SERVE_APP)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that keep the Serve app up run last: its replicas hold CPUs that Ray Train/Tune tests need."""
+    items.sort(key=lambda item: "served_app" in getattr(item, "fixturenames", ()))
