@@ -269,7 +269,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 # ---- entry point ---------------------------------------------------------------------------------------------------
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("transformers", "huggingface_hub", "peft", "urllib3", "filelock"):
+    for name in ("transformers", "huggingface_hub", "peft", "urllib3", "filelock", "tensorboardX"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
