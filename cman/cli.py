@@ -124,14 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- commands ------------------------------------------------------------------------------------------------------
 def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None):
-    from cman.config import load_config
+    from cman.config import load_config, parse_override
 
-    overrides: dict[str, Any] = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. training.epochs=3")
-        overrides[key.strip()] = value
+    overrides: dict[str, Any] = dict(parse_override(item) for item in args.overrides)
     overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
     return load_config(args.config, overrides)
 

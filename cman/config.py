@@ -272,7 +272,7 @@ def _parse_value(raw: str) -> Any:
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
     """Return a copy of `data` with `a.b.c=value` overrides applied (values parsed as YAML)."""
     data = copy.deepcopy(data)
-    items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
     for key, value in items:
         node = data
         parts = key.split(".")
@@ -286,7 +286,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
     return data
 
 
-def _split_override(item: str) -> tuple[str, str]:
+def parse_override(item: str) -> tuple[str, str]:
+    """`a.b=value` → (`a.b`, `value`); the value is parsed as YAML later."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.epochs=3")
