@@ -57,11 +57,23 @@ def tracking_uri(config: CMANConfig, output_dir: Path) -> tuple[str, str | None]
 
     Returns the URI and the artifact location to give new experiments (only for the default local store).
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or config.mlflow.tracking_uri
-    if uri:
-        return uri, None
+    if os.environ.get("MLFLOW_TRACKING_URI") or config.mlflow.tracking_uri:
+        return resolve_tracking_uri(config.mlflow.tracking_uri, output_dir), None
     output_dir = Path(output_dir).resolve()
-    return f"sqlite:///{output_dir / 'mlflow.db'}", (output_dir / "mlartifacts").as_uri()
+    return resolve_tracking_uri(None, output_dir), (output_dir / "mlartifacts").as_uri()
+
+
+def resolve_tracking_uri(config_uri: str | None, output_dir: Path) -> str:
+    """`MLFLOW_TRACKING_URI`, else `config_uri`, else sqlite under `output_dir`; sqlite paths made absolute
+    (Tune chdirs into trial folders, so a relative store would split per trial)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or config_uri
+    if not uri:
+        return f"sqlite:///{(Path(output_dir) / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    if "://" not in uri:  # a bare path: a sqlite file
+        return f"sqlite:///{Path(uri).resolve()}"
+    return uri
 
 
 def open_run(config: CMANConfig, output_dir: Path, resume: bool = True) -> Tracking:

@@ -6,7 +6,6 @@ Only the Tune driver process talks to MLflow (trial workers never do), so a sqli
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-from jobs.tracking import metric_name
+from jobs.tracking import metric_name, resolve_tracking_uri
 from tuning.space import trial_params
 
 logger = logging.getLogger(__name__)
@@ -31,14 +30,7 @@ SCORE_TAGS = ("test_rsum", "val_rsum")  # compared in this order when deciding w
 
 def tracking_uri(config_uri: str | None, output_dir: Path) -> str:
     """`MLFLOW_TRACKING_URI`, else `config.mlflow.tracking_uri`, else sqlite under `output_dir`; always absolute."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or config_uri
-    if not uri:
-        return f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
-    if "://" not in uri:  # a bare path: a sqlite file
-        return f"sqlite:///{Path(uri).resolve()}"
-    return uri
+    return resolve_tracking_uri(config_uri, output_dir)
 
 
 def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
