@@ -159,3 +159,22 @@ def test_default_sizes_keep_lora_trainable_share_near_seed():
     assert 0.4 < share < 0.8, share  # q,k,v adapters on 3 x 12 layers of 768-d
     trainable, total = count_parameters(model)
     assert trainable < 0.1 * total
+
+
+def test_from_pretrained_loads_only_requested_modalities(tiny, tmp_path):
+    """A Serve encoder replica loads its own backbone only; the Retriever loads fusion + projections only."""
+    build_model(pretrained_config(tiny["dirs"])).save_pretrained(tmp_path / "ckpt")
+    full = CMAN.from_pretrained(tmp_path / "ckpt")
+    fusion = sum(p.numel() for p in full.fusion.parameters())
+    reference = full.state_dict()
+    for modality in ALL_MODALITIES:
+        part = CMAN.from_pretrained(tmp_path / "ckpt", modalities=[modality.value])
+        assert part.modalities == [modality]
+        own = sum(p.numel() for p in full.encoders[modality.value].parameters())
+        assert count_parameters(part)[1] == own + fusion
+        for key, value in part.state_dict().items():
+            assert torch.equal(value, reference[key]), key
+    fusion_only = CMAN.from_pretrained(tmp_path / "ckpt", modalities=[])
+    assert fusion_only.modalities == [] and count_parameters(fusion_only)[1] == fusion
+    with pytest.raises(ValueError):
+        CMAN.from_pretrained(tmp_path / "ckpt", modalities=["video"])

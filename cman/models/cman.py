@@ -132,8 +132,14 @@ class CMAN(nn.Module):
         (out / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, trainable: bool = False) -> CMAN:
-        """Load a checkpoint written by `save_pretrained`; nothing else is needed."""
+    def from_pretrained(
+        cls, directory: str | Path, trainable: bool = False, modalities: Iterable[Modality | str] | None = None
+    ) -> CMAN:
+        """Load a checkpoint written by `save_pretrained`; nothing else is needed.
+
+        `modalities` loads only those encoders (backbone, adapters, processor) besides the fusion transformer:
+        a Serve encoder replica loads its own, the Retriever loads `[]` (fusion + projections only).
+        """
         directory = Path(directory)
         meta_path = directory / "metadata.json"
         if not meta_path.is_file() or not (directory / "config.yaml").is_file():
@@ -142,8 +148,15 @@ class CMAN(nn.Module):
 
         meta = json.loads(meta_path.read_text())
         config = from_dict(yaml.safe_load((directory / "config.yaml").read_text()))
+        wanted = None if modalities is None else {Modality(m).value for m in modalities}
+        unknown = sorted((wanted or set()) - set(meta["base_models"]))
+        if unknown:
+            have = meta["modalities"]
+            raise ValueError(f"checkpoint {directory} has no {', '.join(unknown)} encoder (it has {have})")
         encoders, processors = {}, {}
         for name, base_meta in meta["base_models"].items():
+            if wanted is not None and name not in wanted:
+                continue
             modality = Modality(name)
             mod_dir = directory / "encoders" / name
             ecfg = config.model.encoder(modality)
@@ -160,6 +173,8 @@ class CMAN(nn.Module):
             processors[modality] = load_processor(mod_dir / "processor")
         model = cls(config, encoders, processors)
         heads = load_file(str(directory / "heads.safetensors"))
+        skipped = {f"encoders.{name}." for name in meta["base_models"] if name not in model.encoders}
+        heads = {k: v for k, v in heads.items() if not any(k.startswith(prefix) for prefix in skipped)}
         missing, unexpected = model.load_state_dict(heads, strict=False)
         missing = [k for k in missing if ".backbone." not in k]
         if missing or unexpected:
