@@ -32,7 +32,7 @@ def tiny_model(work: Path) -> tuple[Path, Path]:
     """A small demo dataset, 2 epochs of in-process training and its test-split index."""
     from cman.config import load_config
     from cman.data.demo import generate_demo_dataset
-    from cman.engine import fit
+    from cman.training import fit
     from jobs.build_index import build_index
 
     root = work / "data"

@@ -44,10 +44,9 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from cman.config import CMANConfig, load_config  # noqa: E402
 from cman.data.dataset import load_split  # noqa: E402
-from cman.engine import compile_model, make_loader  # noqa: E402
 from cman.losses import CMANLoss  # noqa: E402
 from cman.models.cman import CMAN, build_model, count_parameters  # noqa: E402
-from cman.training import (  # noqa: E402
+from cman.steps import (  # noqa: E402
     amp_dtype,
     autocast,
     build_optimizer,
@@ -56,6 +55,7 @@ from cman.training import (  # noqa: E402
     train_epoch,
     train_step_loss,
 )
+from cman.training import compile_model, make_loader  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("bench.train_throughput")

@@ -200,7 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _load(args, _train_overrides(args))
     output_dir = Path(config.output_dir).resolve()
     if args.in_process:
-        from cman.engine import fit
+        from cman.training import fit
 
         report = fit(config, output_dir, resume=not args.no_resume)
     else:
@@ -213,8 +213,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from cman.engine import evaluate_checkpoint, write_eval
     from cman.metrics import format_table
+    from cman.training import evaluate_checkpoint, write_eval
 
     config = _load(args)
     result = evaluate_checkpoint(args.checkpoint, args.split, root=config.data.root, progress=True)
@@ -255,7 +255,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from serve_app.quickstart import quickstart
+    from jobs.quickstart import quickstart
 
     quickstart(Path(args.output_dir), num_samples=args.num_samples, serve=not args.no_serve, port=args.port)
     return 0

@@ -142,6 +142,13 @@ class TrainingConfig(_Section):
     fused_adamw: bool = Field(default=False, description="fused AdamW kernel (CUDA only; ignored on CPU)")
     seed: int = 0
     debug: bool = False
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda when available")
+    num_threads: int | None = Field(
+        default=None, ge=1, description="torch CPU threads; default: all cores in-process, a Ray worker's CPU share"
+    )
+    checkpoint_every: int = Field(
+        default=0, ge=0, description="also write/report the last checkpoint every N epochs (0: only best + final)"
+    )
 
 
 class RayConfig(_Section):

@@ -1,295 +1,362 @@
-"""Framework-neutral training pieces: optimiser, schedule, one epoch, embeddings, evaluation, resumable state.
+"""The training run, written once: data → model → epochs (train, validate, checkpoint) → test evaluation.
 
-The in-process `cman train` path and the Ray Train loop (`jobs/train.py`) both call these; neither re-implements them.
+`fit(config, output_dir, hooks)` is the whole loop. `cman train --in-process` calls it with the default
+`TrainHooks` (this process, best/last checkpoints under `output_dir`); the Ray Train worker loop
+(`jobs/train.py`) calls the same function with hooks that wrap the model in DDP, give each rank a
+`DistributedSampler` share, gather validation embeddings and `ray.train.report` at the end of an epoch.
+The framework-neutral steps (optimiser, one epoch, evaluation, resumable state) live in `cman/steps.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Sampler
 
-from cman.config import TrainingConfig
-from cman.metrics import EmbeddingSet, evaluate_embeddings
+from cman.config import CMANConfig
+from cman.data.cache import FeatureCache, fit_audio_length
+from cman.data.dataset import CMANDataset, Collator, Item, load_split
+from cman.losses import CMANLoss
+from cman.metrics import EmbeddingSet, evaluate_embeddings, format_table
 from cman.modality import Modality
+from cman.models.cman import CMAN, build_model
+from cman.steps import (
+    amp_dtype,
+    build_optimizer,
+    build_scheduler,
+    compute_embeddings,
+    evaluate,
+    flat_metrics,
+    load_training_state,
+    resolve_device,
+    save_training_state,
+    train_epoch,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_device(use_gpu: bool | None = None) -> torch.device:
-    if use_gpu is False or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
-def amp_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | None:
-    """bf16 on GPUs that support it, fp16 otherwise, fp32 on CPU unless asked explicitly."""
-    if mixed_precision == "no":
-        return None
-    if mixed_precision == "bf16":
-        return torch.bfloat16
-    if mixed_precision == "fp16":
-        return torch.float16
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def data_root(config: CMANConfig) -> Path:
+    if not config.data.root:
+        raise ValueError("data.root is not set: point it at a dataset in the seed layout (see `cman demo-data`)")
+    return Path(config.data.root)
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+def load_items(config: CMANConfig, split: str) -> list[Item]:
+    return load_split(data_root(config), split, config.data.max_items)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainingConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW; encoder parameters may get their own lr; no weight decay on biases and norms."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        is_encoder = name.startswith("encoders.") and ".backbone." in name
-        no_decay = param.ndim < 2 or "norm" in name.lower() or name.endswith(".cls")
-        groups.setdefault((is_encoder, no_decay), []).append(param)
-    enc_lr = cfg.encoder_learning_rate or cfg.learning_rate
-    param_groups = [
-        {
-            "params": params,
-            "lr": enc_lr if is_enc else cfg.learning_rate,
-            "weight_decay": 0.0 if nd else cfg.weight_decay,
-        }
-        for (is_enc, nd), params in sorted(groups.items())
-    ]
-    kwargs = {"fused": True} if fused and torch.cuda.is_available() else {}
-    return torch.optim.AdamW(param_groups, **kwargs)
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up then cosine decay to 0 over `total_steps` optimiser steps."""
-    warmup = max(1, int(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    out = dict(batch)
-    out["inputs"] = {m: {k: v.to(device, non_blocking=True) for k, v in f.items()} for m, f in batch["inputs"].items()}
-    out["present"] = dict(batch["present"])  # stays on the host: row selection needs no device sync
-    out["groups"] = batch["groups"].to(device)
-    return out
-
-
-def batch_embeddings(model: nn.Module, batch: dict[str, Any]) -> dict[Modality, torch.Tensor]:
-    """Per-modality embeddings scattered back to full batch rows (absent rows are zero). # (batch, dim)"""
-    per_modality = model(batch["inputs"])
-    size = batch["groups"].shape[0]
-    full = {}
-    for modality, emb in per_modality.items():
-        present = batch["present"][modality].cpu()  # (batch,) bool; already on the host in a loader batch
-        if emb.shape[0] == size:  # every row has this modality
-            full[modality] = emb
-            continue
-        index = present.nonzero().squeeze(1).to(emb.device, non_blocking=True)  # (batch_m,)
-        full[modality] = emb.new_zeros(size, emb.shape[-1]).index_copy(0, index, emb)
-    return full
-
-
-def train_step_loss(model: nn.Module, loss_fn: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return loss_fn(batch_embeddings(model, batch), batch["present"], batch["groups"])
-
-
-def train_epoch(
-    model: nn.Module,
-    loader: Iterable[dict[str, Any]],
-    loss_fn: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+def make_loader(
+    config: CMANConfig,
+    model: CMAN,
+    items: list[Item],
     *,
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    grad_accum: int = 1,
-    grad_clip: float = 1.0,
-    progress: bool = True,
-    desc: str = "train",
-    max_steps: int | None = None,
-) -> dict[str, float]:
-    """One pass over `loader`; returns mean loss, steps, samples, skipped items and seconds."""
-    model.train()
-    start = time.perf_counter()
-    total = torch.zeros((), device=device)
-    batches = samples = skipped = steps = 0
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
-    optimizer.zero_grad(set_to_none=True)
-    for batch in bar:
-        skipped += batch["skipped"]
-        if batch["groups"].numel() < 2:
-            continue
-        batch = to_device(batch, device)
-        with autocast(device, dtype):
-            loss = train_step_loss(model, loss_fn, batch)["loss"] / grad_accum
-        (scaler.scale(loss) if scaler else loss).backward()
-        total += loss.detach() * grad_accum
-        batches += 1
-        samples += batch["groups"].numel()
-        if batches % grad_accum == 0:
-            _optimizer_step(model, optimizer, scheduler, scaler, grad_clip)
-            steps += 1
-            if progress and steps % 10 == 0:
-                bar.set_postfix(loss=f"{(total / batches).item():.4f}")
-        if max_steps is not None and batches >= max_steps:
-            break
-    if batches % grad_accum:
-        _optimizer_step(model, optimizer, scheduler, scaler, grad_clip)
-        steps += 1
-    if skipped:
-        logger.warning("%d bad items skipped this epoch", skipped)
-    return {
-        "loss": float((total / max(batches, 1)).item()),
-        "steps": steps,
-        "samples": samples,
-        "skipped": skipped,
-        "seconds": time.perf_counter() - start,
-    }
+    train: bool,
+    sampler: Sampler | None = None,
+    batch_size: int | None = None,
+) -> DataLoader:
+    """The loader of `items`; `sampler` (keyword, like any future option) replaces the seeded shuffle."""
+    store = FeatureCache(config.data.cache_dir, items, model.processors) if config.data.cache_dir else None
+    dataset = CMANDataset(
+        items, model.processors, config.data.skip_bad_items, cache=config.data.cache_features, store=store
+    )
+    generator = torch.Generator().manual_seed(config.training.seed)
+    size = batch_size or (config.training.batch_size if train else config.training.eval_batch_size)
+    return DataLoader(
+        dataset,
+        batch_size=size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        drop_last=train and len(dataset) > size,
+        collate_fn=Collator(model.processors),
+        num_workers=config.data.num_workers,
+        generator=generator,
+    )
 
 
-def _optimizer_step(model, optimizer, scheduler, scaler, grad_clip: float) -> None:
-    if scaler:
-        scaler.unscale_(optimizer)
-    if grad_clip > 0:
-        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
+@dataclass
+class TrainState:
+    """Everything that moves between epochs, and what a resume restores."""
+
+    model: CMAN
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: CMANLoss
+    epoch: int = 0
+    best_rsum: float = -math.inf
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def save(self, directory: Path, metrics: dict[str, Any] | None = None) -> Path:
+        extra = {"epoch": self.epoch, "best_rsum": self.best_rsum, "history": self.history}
+        return self.model.save_pretrained(
+            directory,
+            metadata={"epoch": self.epoch, "metrics": metrics or {}},
+            extra_files=lambda tmp: save_training_state(tmp, self.optimizer, self.scheduler, extra),
+        )
+
+
+def create_state(
+    config: CMANConfig, train_items: list[Item], steps_per_epoch: int, resume_from: Path | None = None
+) -> TrainState:
+    """A fresh model/optimiser/scheduler, or those of `resume_from` (a checkpoint with training state)."""
+    if resume_from is not None:
+        model = CMAN.from_pretrained(resume_from, trainable=True)
     else:
-        optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+        config = fit_audio_length(config, train_items)
+        model = build_model(config, captions=[i.caption for i in train_items if i.caption])
+    model.set_gradient_checkpointing(config.training.gradient_checkpointing)
+    tc = config.training
+    optimizer = build_optimizer(model, tc, fused=tc.fused_adamw)
+    total_steps = tc.epochs * math.ceil(steps_per_epoch / tc.grad_accum)
+    scheduler = build_scheduler(optimizer, total_steps, tc.warmup_ratio)
+    state = TrainState(model, optimizer, scheduler, CMANLoss.from_config(config.loss))
+    if resume_from is not None:
+        extra = load_training_state(resume_from, optimizer, scheduler)
+        state.epoch, state.best_rsum, state.history = extra["epoch"], extra["best_rsum"], extra["history"]
+        logger.info("resumed from %s at epoch %d", resume_from, state.epoch)
+    return state
 
 
-@torch.no_grad()
-def compute_embeddings(
-    model: nn.Module,
-    loader: Iterable[dict[str, Any]],
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-    progress: bool = False,
-) -> dict[Modality, EmbeddingSet]:
-    """Embed every item of `loader`, each modality on its own (gallery/query embeddings)."""
-    model.eval()
-    keys: dict[Modality, list[str]] = {}
-    groups: dict[Modality, list[str]] = {}
-    vectors: dict[Modality, list[np.ndarray]] = {}
-    for batch in tqdm(loader, desc="embed", disable=not progress, leave=False):
-        if not batch["ids"]:
-            continue
-        batch = to_device(batch, device)
-        with autocast(device, dtype):
-            per_modality = model(batch["inputs"])
-        for modality, emb in per_modality.items():
-            present = batch["present"][modality].cpu().numpy()
-            keys.setdefault(modality, []).extend(batch["keys"][modality])
-            groups.setdefault(modality, []).extend(g for g, p in zip(batch["group_names"], present, strict=True) if p)
-            vectors.setdefault(modality, []).append(emb.float().cpu().numpy())
-    return {
-        m: EmbeddingSet(keys=keys[m], groups=groups[m], embeddings=np.concatenate(vectors[m]).astype(np.float32))
-        for m in vectors
-    }
+def compile_model(model: CMAN, enabled: bool) -> CMAN:
+    """torch.compile each encoder and the fusion in place (parameter names and checkpoints are unchanged)."""
+    if enabled:
+        for module in [*model.encoders.values(), model.fusion]:
+            module.compile(dynamic=True)
+    return model
 
 
-def evaluate(
-    model: nn.Module,
-    loader: Iterable[dict[str, Any]],
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-    progress: bool = False,
+class TrainHooks:
+    """What differs between this process and a Ray Train worker; the defaults are the in-process run.
+
+    `jobs/train.py` subclasses it: DDP model, DistributedSampler, gathered validation, `ray.train.report`.
+    """
+
+    rank, world = 0, 1
+    final_eval = True  # evaluate checkpoints/best on the test split when the epochs are done
+
+    def __init__(self, output_dir: str | Path, resume: bool = True):
+        self.output_dir = Path(output_dir).resolve()
+        self.resume = resume
+
+    def resume_from(self) -> Path | None:
+        """The checkpoint to continue from (the newest of checkpoints/{best,last} with training state)."""
+        return resumable_checkpoint(self.output_dir) if self.resume else None
+
+    def device(self, config: CMANConfig) -> torch.device:
+        return resolve_device(config.training.device)
+
+    def wrap_model(self, model: CMAN, device: torch.device) -> torch.nn.Module:
+        return model.to(device)
+
+    def sampler(self, config: CMANConfig, items: list[Item]) -> Sampler | None:
+        return None
+
+    def before_epoch(self, epoch: int) -> None:
+        """Called with the 1-based number of the epoch about to run."""
+
+    def val_items(self, items: list[Item]) -> list[Item]:
+        return items
+
+    def gather(self, local: dict[Modality, EmbeddingSet]) -> dict[Modality, EmbeddingSet]:
+        return local
+
+    def end_epoch(self, state: TrainState, val: dict[str, Any], metrics: dict[str, Any], save: set[str]) -> None:
+        """Persist the epoch: `save` names the checkpoints due now ("best" when improved, "last" when due)."""
+        for name in sorted(save):
+            state.save(self.output_dir / "checkpoints" / name, val)
+
+
+def fit(
+    config: CMANConfig,
+    output_dir: str | Path,
+    hooks: TrainHooks | None = None,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Six-direction retrieval metrics of `model` on `loader`."""
-    return evaluate_embeddings(compute_embeddings(model, loader, device, dtype, progress))
+    """Train; returns `{"history", "test", "eval_path"}` (test/eval_path None when `hooks.final_eval` is off).
+
+    `hooks` default: `TrainHooks(output_dir, resume)` (this process). `stop_after` ends this call after that many
+    epochs (the run stays resumable: call again to continue).
+    """
+    hooks = hooks or TrainHooks(output_dir, resume=resume)
+    tc = config.training
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    seed_everything(tc.seed)
+    train_items, val_items = load_items(config, config.data.train_split), load_items(config, config.data.val_split)
+    steps = max(1, len(train_items) // (tc.batch_size * hooks.world))
+    state = create_state(config, train_items, steps, hooks.resume_from())
+    device = hooks.device(config)
+    model = hooks.wrap_model(state.model, device)
+    compile_model(state.model, tc.compile)  # in place: a DDP wrapper runs the compiled modules
+    dtype = amp_dtype(device, tc.mixed_precision)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    sampler = hooks.sampler(config, train_items)
+    train_loader = make_loader(config, state.model, train_items, train=True, sampler=sampler)
+    val_loader = make_loader(config, state.model, hooks.val_items(val_items), train=False)
+    if hooks.rank == 0:
+        hooks.output_dir.mkdir(parents=True, exist_ok=True)
+        config.save(hooks.output_dir / "config.yaml")
+    start_epoch, epochs_run = state.epoch, 0
+    while state.epoch < tc.epochs:
+        if stop_after is not None and epochs_run >= stop_after:
+            return {"history": state.history, "test": None, "eval_path": None, "stopped": True}
+        epochs_run += 1
+        hooks.before_epoch(state.epoch + 1)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(state.epoch)
+        stats = train_one_epoch(config, state, train_loader, device, dtype, scaler, model=model, progress=progress)
+        started = time.perf_counter()
+        val = evaluate_embeddings(hooks.gather(compute_embeddings(state.model, val_loader, device, dtype)))
+        stats["val_seconds"] = time.perf_counter() - started
+        record, improved = end_epoch(config, state, stats, val)
+        metrics = {**flat_metrics(val), **record, "start_epoch": start_epoch, "world_size": hooks.world}
+        metrics["lr"] = state.optimizer.param_groups[0]["lr"]
+        hooks.end_epoch(state, val, metrics, checkpoints_due(config, state.epoch, improved, epochs_run, stop_after))
+    if not hooks.final_eval:
+        return {"history": state.history, "test": None, "eval_path": None}
+    return finish(config, hooks.output_dir, state.history, progress)
 
 
-def flat_metrics(result: dict[str, Any], prefix: str = "val_") -> dict[str, float]:
-    """`{"val_rsum": .., "val_text->image_R@1": ..}`, the shape trackers want."""
-    out = {f"{prefix}rsum": float(result["rsum"])}
-    for direction, values in result["directions"].items():
-        for name, value in values.items():
-            out[f"{prefix}{direction}_{name}"] = float(value)
-    return out
+def checkpoints_due(
+    config: CMANConfig, epoch: int, improved: bool, epochs_run: int = 0, stop_after: int | None = None
+) -> set[str]:
+    """Which checkpoints the epoch just ended writes: best when it improved; last every
+    `training.checkpoint_every` epochs, at the final epoch and where `stop_after` ends this call."""
+    every, due = config.training.checkpoint_every, set()
+    if improved:
+        due.add("best")
+    if epoch == config.training.epochs or (every and epoch % every == 0) or epochs_run == stop_after:
+        due.add("last")
+    return due
 
 
-# ---- resumable optimiser / scheduler / RNG state (safetensors + JSON, no pickle) -----------------------------------
-def save_training_state(
-    directory: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any, extra: dict[str, Any]
-) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, entry in state["state"].items():
-        for name, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"opt.{idx}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[name] = value
-    tensors["rng.torch"] = torch.get_rng_state()
-    np_state = np.random.get_state()
-    meta = {
-        "param_groups": state["param_groups"],
-        "scalars": scalars,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": {"python": repr(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
-        **extra,
-    }
-    save_file(tensors, str(directory / "training_state.safetensors"))
-    (directory / "training_state.json").write_text(json.dumps(meta, default=str))
+def train_one_epoch(
+    config: CMANConfig,
+    state: TrainState,
+    loader: DataLoader,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+    *,
+    model: torch.nn.Module | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train `state` for one epoch (seeded by epoch number, so a resumed run repeats it exactly).
+
+    `model` is what runs forward/backward: `state.model` itself, or a DDP wrapper of it.
+    """
+    tc = config.training
+    torch.manual_seed(tc.seed + state.epoch)
+    if getattr(loader, "generator", None) is not None:  # the shuffle order depends only on the epoch too
+        loader.generator.manual_seed(tc.seed + state.epoch)
+    return train_epoch(
+        model or state.model,
+        loader,
+        state.loss_fn,
+        state.optimizer,
+        state.scheduler,
+        device=device,
+        dtype=dtype,
+        scaler=scaler,
+        grad_accum=tc.grad_accum,
+        grad_clip=tc.grad_clip,
+        progress=progress,
+        desc=f"epoch {state.epoch + 1}/{tc.epochs}",
+    )
 
 
-def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Restore what `save_training_state` wrote; returns its `extra` fields (epoch, best metric, ...)."""
-    directory = Path(directory)
-    tensors = load_file(str(directory / "training_state.safetensors"))
-    meta = json.loads((directory / "training_state.json").read_text())
-    opt_state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = value
-    for idx, entry in meta.pop("scalars").items():
-        opt_state.setdefault(int(idx), {}).update(entry)
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta.pop("param_groups")})
-    sched = meta.pop("scheduler")
-    if scheduler is not None and sched is not None:
-        scheduler.load_state_dict(sched)
-    torch.set_rng_state(tensors["rng.torch"])
-    rng = meta.pop("rng")
-    random.setstate(_literal(rng["python"]))
-    kind, keys, *rest = rng["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    return meta
+def end_epoch(
+    config: CMANConfig, state: TrainState, stats: dict[str, float], val: dict[str, Any]
+) -> tuple[dict[str, Any], bool]:
+    """Advance the epoch, append its history record; True if `val` improved on the best rsum so far."""
+    state.epoch += 1
+    record = {"epoch": state.epoch, "train_loss": stats["loss"], "val_rsum": val["rsum"], "seconds": stats["seconds"]}
+    if "val_seconds" in stats:
+        record["val_seconds"] = stats["val_seconds"]
+    state.history.append(record)
+    logger.info(
+        "epoch %d/%d  loss %.4f  val rsum %.1f  (%.1fs)",
+        state.epoch,
+        config.training.epochs,
+        stats["loss"],
+        val["rsum"],
+        stats["seconds"],
+    )
+    improved = val["rsum"] > state.best_rsum
+    if improved:
+        state.best_rsum = val["rsum"]
+    return record, improved
 
 
-def _literal(text: str) -> Any:
-    import ast
+def resumable_checkpoint(output_dir: Path) -> Path | None:
+    """The newest (by epoch) of D/checkpoints/{best,last} that carries training state; None if neither does."""
+    found = []
+    for name in ("last", "best"):
+        directory = Path(output_dir) / "checkpoints" / name
+        if (directory / "training_state.json").is_file():
+            found.append((json.loads((directory / "training_state.json").read_text())["epoch"], directory))
+    return max(found, key=lambda f: f[0])[1] if found else None
 
-    return ast.literal_eval(text)
+
+def write_eval(output_dir: Path, split: str, result: dict[str, Any]) -> Path:
+    path = Path(output_dir) / f"eval_{split}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"split": split, **result}, indent=2))
+    return path
+
+
+def finish(
+    config: CMANConfig, output_dir: Path, history: list[dict[str, Any]], progress: bool = False
+) -> dict[str, Any]:
+    """Evaluate checkpoints/best on the test split, write eval_<split>.json, return the report."""
+    split = config.data.test_split
+    result = evaluate_checkpoint(output_dir / "checkpoints" / "best", split, config.data.root, progress=progress)
+    path = write_eval(output_dir, split, result)
+    logger.info("test metrics written to %s", path)
+    return {"history": history, "test": result, "eval_path": str(path)}
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path, split: str, root: str | None = None, progress: bool = False
+) -> dict[str, Any]:
+    """Load `checkpoint` and compute six-direction metrics on `split` of its (or `root`'s) dataset."""
+    model = CMAN.from_pretrained(checkpoint)
+    config = model.config
+    if root is not None:
+        config = config.with_overrides({"data.root": str(root)})
+    device = resolve_device(config.training.device)
+    model.to(device)
+    loader = make_loader(config, model, load_items(config, split), train=False)
+    return evaluate(model, loader, device, amp_dtype(device, config.training.mixed_precision), progress)
+
+
+__all__ = [
+    "TrainHooks",
+    "TrainState",
+    "create_state",
+    "end_epoch",
+    "evaluate_checkpoint",
+    "finish",
+    "fit",
+    "format_table",
+    "make_loader",
+    "train_one_epoch",
+]

@@ -1,6 +1,6 @@
 """Ray Train driver for CMAN: `cman train` and the `ray job submit` entry point (`python -m jobs.train`).
 
-Every worker runs `train_loop_per_worker`, which is the library's epoch (`cman.engine.train_one_epoch`) on a DDP
+Every worker runs `train_loop_per_worker`, which is the library's epoch (`cman.training.fit`, with `RayHooks`) on a DDP
 model over its DistributedSampler share of the training set. Validation is computed on embeddings gathered from
 all workers (each embeds a contiguous, unpadded shard of the val set), so the numbers equal a single-process
 evaluation. Rank 0 writes the checkpoint (the `CMAN.save_pretrained` format plus optimiser/scheduler/RNG state)
@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,100 +32,115 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.train.v2.api.context import LocalTrainContext
 from torch.utils.data import DistributedSampler
 
 from cman.config import CMANConfig, from_dict
-from cman.engine import (
-    compile_model,
-    create_state,
-    end_epoch,
-    finish,
-    load_items,
-    make_loader,
-    seed_everything,
-    train_one_epoch,
-)
-from cman.metrics import EmbeddingSet, evaluate_embeddings
+from cman.metrics import EmbeddingSet
 from cman.modality import Modality
-from cman.training import amp_dtype, compute_embeddings, flat_metrics, resolve_device
-from jobs import tracking
+from cman.training import TrainHooks, finish, fit, load_items, resolve_device
+from jobs import cluster, tracking
 
 logger = logging.getLogger(__name__)
 
 RUN_NAME = "cman_train"
 FAIL_ONCE_ENV = "CMAN_FAIL_ONCE_AT_EPOCH"  # fault injection for FailureConfig tests: fail once, in this epoch
-WORKER_ENV_VARS = ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "MLFLOW_TRACKING_URI")
 
 
 # ---- the per-worker loop -------------------------------------------------------------------------------------------
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Train (or resume) the run described by `loop_config` (see `make_loop_config`) on this worker."""
+    """Train (or resume) the run described by `loop_config` (see `make_loop_config`): `cman.training.fit` with
+    `RayHooks` on this worker."""
     config = from_dict(loop_config["config"])
-    output_dir = Path(loop_config["output_dir"])
-    run = tracking.Tracking(**loop_config["mlflow"]) if loop_config.get("mlflow") else None
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    tc = config.training
-
-    seed_everything(tc.seed)
+    hooks = RayHooks(config, loop_config)
     train_items = load_items(config, config.data.train_split)
-    if world > 1 and len(train_items) // world < tc.batch_size:
+    if hooks.world > 1 and len(train_items) // hooks.world < config.training.batch_size:
         raise ValueError(
-            f"{len(train_items)} training items over {world} workers leave fewer than training.batch_size="
-            f"{tc.batch_size} per worker (batch_size is per worker): lower it or ray.num_workers"
+            f"{len(train_items)} training items over {hooks.world} workers leave fewer than training.batch_size="
+            f"{config.training.batch_size} per worker (batch_size is per worker): lower it or ray.num_workers"
         )
-    val_items = load_items(config, config.data.val_split)
-    checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
-        steps = max(1, len(train_items) // (tc.batch_size * world))
-        state = create_state(config, train_items, steps, Path(resume_dir) if resume_dir else None)
-    start_epoch = state.epoch
+    with hooks.checkpoint_dir():
+        fit(config, hooks.output_dir, hooks, progress=hooks.rank == 0 and loop_config.get("progress", False))
 
-    device = ray.train.torch.get_device() if dist.is_initialized() else resolve_device(config.ray.use_gpu)
-    model = ray.train.torch.prepare_model(
-        state.model, move_to_device=device, parallel_strategy_kwargs={"find_unused_parameters": True}
-    )
-    compile_model(state.model, tc.compile)  # in place: the DDP wrapper runs the compiled modules
-    dtype = amp_dtype(device, tc.mixed_precision)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    sampler = (
-        DistributedSampler(train_items, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed, drop_last=True)
-        if world > 1
-        else None
-    )
-    train_loader = make_loader(config, state.model, train_items, train=True, sampler=sampler)
-    val_loader = make_loader(config, state.model, shard(val_items, rank, world), train=False)
-    staging = _staging_dir(context, output_dir)
 
-    while state.epoch < tc.epochs:
-        _maybe_fail(loop_config, output_dir, state.epoch + 1, rank)
-        if sampler is not None:
-            sampler.set_epoch(state.epoch)
-        stats = train_one_epoch(
-            config,
-            state,
-            train_loader,
-            device,
-            dtype,
-            scaler,
-            model=model,
-            progress=rank == 0 and loop_config.get("progress", False),
+class RayHooks(TrainHooks):
+    """`cman.training.fit` on a Ray Train worker: DDP, DistributedSampler, gathered validation, `ray.train.report`."""
+
+    final_eval = False  # the driver evaluates the exported best checkpoint
+
+    def __init__(self, config: CMANConfig, loop_config: dict[str, Any]):
+        super().__init__(loop_config["output_dir"], resume=True)
+        self.loop_config = loop_config
+        self.context = ray.train.get_context()
+        self.rank, self.world = self.context.get_world_rank(), self.context.get_world_size()
+        self.run = tracking.Tracking(**loop_config["mlflow"]) if loop_config.get("mlflow") else None
+        self._resume: Path | None = None
+        in_process = config.ray.num_workers == 0
+        self.staging = self.output_dir / "ray_results" / RUN_NAME / "in_process" if in_process else None
+        set_worker_threads(config)
+
+    @contextlib.contextmanager
+    def checkpoint_dir(self):
+        """Make Ray's latest checkpoint (if any) available to `resume_from` while the loop runs."""
+        checkpoint = ray.train.get_checkpoint()
+        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as directory:
+            self._resume = Path(directory) if directory else None
+            yield
+
+    def resume_from(self) -> Path | None:
+        return self._resume
+
+    def device(self, config: CMANConfig) -> torch.device:
+        return ray.train.torch.get_device() if dist.is_initialized() else resolve_device(config.training.device)
+
+    def wrap_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(
+            model, move_to_device=device, parallel_strategy_kwargs={"find_unused_parameters": True}
         )
-        val = evaluate_embeddings(gather(compute_embeddings(state.model, val_loader, device, dtype), world))
-        record, _ = end_epoch(config, state, stats, val)
-        metrics = {
-            **flat_metrics(val),
-            **record,
-            "start_epoch": start_epoch,
-            "world_size": world,
-            "lr": state.optimizer.param_groups[0]["lr"],
-        }
-        _report(state, val, metrics, rank, staging)
-        if run is not None and rank == 0:
-            tracking.log_metrics(
-                run, {k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch")}, step=state.epoch
-            )
+
+    def sampler(self, config: CMANConfig, items: list[Any]) -> DistributedSampler | None:
+        if self.world == 1:
+            return None
+        seed = config.training.seed
+        return DistributedSampler(
+            items, num_replicas=self.world, rank=self.rank, shuffle=True, seed=seed, drop_last=True
+        )
+
+    def before_epoch(self, epoch: int) -> None:
+        _maybe_fail(self.loop_config, self.output_dir, epoch, self.rank)
+
+    def val_items(self, items: list[Any]) -> list[Any]:
+        return shard(items, self.rank, self.world)
+
+    def gather(self, local: dict[Modality, EmbeddingSet]) -> dict[Modality, EmbeddingSet]:
+        return gather(local, self.world)
+
+    def end_epoch(self, state: Any, val: dict[str, Any], metrics: dict[str, Any], save: set[str]) -> None:
+        """`ray.train.report` on every rank (a barrier); rank 0 attaches a checkpoint when one is due (`save`)."""
+        started = time.perf_counter()
+        if self.rank != 0 or not save:
+            ray.train.report(metrics)
+        elif self.staging is not None:  # in-process mode: Ray keeps a reference to our directory, so it must persist
+            directory = state.save(self.staging / f"checkpoint_epoch_{state.epoch:04d}", val)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:  # Ray copies it into storage_path before report returns
+                directory = state.save(Path(tmp) / "checkpoint", val)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
+        seconds = time.perf_counter() - started
+        if self.rank == 0:
+            logger.info("epoch %d: report%s %.2fs", state.epoch, " + checkpoint" if save else "", seconds)
+        if self.run is not None and self.rank == 0:
+            logged = {k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch")}
+            tracking.log_metrics(self.run, {**logged, "report_seconds": seconds}, step=state.epoch)
+
+
+def set_worker_threads(config: CMANConfig) -> int:
+    """torch threads = `training.num_threads`, else this worker's CPU share rounded up (Ray's OMP_NUM_THREADS
+    rounds it down: a worker given 1.8 CPUs would run 1 thread)."""
+    cpus = float(config.ray.resources_per_worker.get("CPU", 1.0))
+    threads = config.training.num_threads or max(1, math.ceil(cpus - 1e-6))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def shard(items: list[Any], rank: int, world: int) -> list[Any]:
@@ -150,26 +167,6 @@ def gather(local: dict[Modality, EmbeddingSet], world: int) -> dict[Modality, Em
     }
 
 
-def _report(state: Any, val: dict[str, Any], metrics: dict[str, Any], rank: int, staging: Path | None) -> None:
-    """`ray.train.report` on every rank (a barrier); rank 0 attaches the checkpoint of the unwrapped model."""
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    if staging is not None:  # in-process mode: Ray keeps a reference to our own directory, so it must persist
-        directory = state.save(staging / f"checkpoint_epoch_{state.epoch:04d}", val)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
-        return
-    with tempfile.TemporaryDirectory() as tmp:  # Ray copies it into storage_path before report returns
-        directory = state.save(Path(tmp) / "checkpoint", val)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
-
-
-def _staging_dir(context: Any, output_dir: Path) -> Path | None:
-    if isinstance(context, LocalTrainContext):
-        return output_dir / "ray_results" / RUN_NAME / "in_process"
-    return None
-
-
 def _maybe_fail(loop_config: dict[str, Any], output_dir: Path, epoch: int, rank: int) -> None:
     """Fault injection: rank 0 raises once when epoch `fail_once_at_epoch` starts (a marker file makes it once)."""
     if loop_config.get("fail_once_at_epoch") != epoch or rank != 0:
@@ -194,7 +191,11 @@ def make_loop_config(
 
 
 def build_trainer(
-    config: CMANConfig, output_dir: Path, loop_config: dict[str, Any], callbacks: list[Any] | None = None
+    config: CMANConfig,
+    output_dir: Path,
+    loop_config: dict[str, Any],
+    callbacks: list[Any] | None = None,
+    loop: Any = None,
 ) -> TorchTrainer:
     """A TorchTrainer over `config.ray`, stored under `output_dir/ray_results/cman_train` (best + latest kept)."""
     rc = config.ray
@@ -211,7 +212,7 @@ def build_trainer(
         num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=dict(rc.resources_per_worker)
     )
     return TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config
+        loop or train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config
     )
 
 
@@ -220,7 +221,7 @@ def run_training(
 ) -> dict[str, Any]:
     """Train with Ray Train, export checkpoints/{best,last}, evaluate best on the test split.
 
-    Returns `{"history", "test", "eval_path"}` like `cman.engine.fit`.
+    Returns `{"history", "test", "eval_path"}` like `cman.training.fit`.
     """
     output_dir = Path(output_dir).resolve()
     config = _absolute_paths(config, output_dir)
@@ -233,7 +234,7 @@ def run_training(
     run = tracking.open_run(config, output_dir, resume=resume) if track else None
     fail_at = int(os.environ[FAIL_ONCE_ENV]) if os.environ.get(FAIL_ONCE_ENV) else None
     loop_config = make_loop_config(config, output_dir, run, fail_once_at_epoch=fail_at)
-    started = config.ray.num_workers > 0 and _init_ray(address)
+    started = config.ray.num_workers > 0 and cluster.connect(address)
     try:
         result = build_trainer(config, output_dir, loop_config).fit()
         best, last = export_checkpoints(result, output_dir)
@@ -293,36 +294,7 @@ def _absolute_paths(config: CMANConfig, output_dir: Path) -> CMANConfig:
     return config.with_overrides(overrides)
 
 
-def _init_ray(address: str | None) -> bool:
-    """Connect to `address` / RAY_ADDRESS / a new local Ray; False if Ray was already initialised by the caller."""
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    env_vars = {k: os.environ[k] for k in WORKER_ENV_VARS if k in os.environ}
-    env_vars = {k: v for k, v in env_vars.items() if k not in _job_env_vars()}
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
-    if not address:
-        kwargs["include_dashboard"] = False
-    ray.init(address=address, **kwargs)
-    return True
+if __name__ == "__main__":  # `python -m jobs.train ...` (the `ray job submit` entry) is `cman train ...`
+    from cman import cli  # here, not at import: jobs.train is imported by cman.cli, never the reverse
 
-
-def _job_env_vars() -> set[str]:
-    """Env vars the surrounding `ray job submit` runtime env already sets (ray.init must not set them again)."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
-    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
-    if not raw:
-        return set()
-    return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m jobs.train --config CFG [--output_dir D] [--set k=v ...]`: `cman train`, for `ray job submit`."""
-    from cman import cli
-
-    return cli.main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.main(["train", *sys.argv[1:]]))

@@ -53,18 +53,12 @@ def sample_requests(url: str, caption: str = "a large red circle on the left") -
 
 def start_app(checkpoint: str | Path, index: str | Path, config: str | Path | None, host: str, port: int) -> str:
     """Start Ray + Serve (HTTP on host:port) and deploy the application; return its base URL."""
-    import ray
     from ray import serve
 
+    from jobs import cluster
     from serve_app.app import ServeArgs, build_app
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}
-        if address:
-            ray.init(address=address, runtime_env=env)
-        else:
-            ray.init(include_dashboard=False, runtime_env=env)
+    cluster.connect(os.environ.get("RAY_ADDRESS"))
     serve.start(http_options={"host": host, "port": port})
     args = ServeArgs(checkpoint=str(checkpoint), index_dir=str(index), config=str(config) if config else None)
     start = time.perf_counter()

@@ -48,7 +48,7 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained_checkpoint(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """checkpoints/best of a few epochs of in-process training of configs/demo.yaml on `demo_root`."""
     from cman.config import load_config
-    from cman.engine import fit
+    from cman.training import fit
 
     out = tmp_path_factory.mktemp("trained")
     repo = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ import pytest
 from tiny import tiny_demo_config
 
 from cman.data.demo import generate_demo_dataset
-from cman.engine import evaluate_checkpoint, fit
 from cman.metrics import DIRECTIONS
 from cman.models import CMAN
+from cman.training import evaluate_checkpoint, fit
 
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,8 @@ def _default_mlflow_store(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_in_process_ray_loop_matches_engine_fit(demo_root: Path, tmp_path: Path) -> None:
-    """ScalingConfig(num_workers=0) runs train_loop_per_worker in this process: same history as cman.engine.fit."""
-    from cman.engine import fit
+    """ScalingConfig(num_workers=0) runs train_loop_per_worker in this process: same history as cman.training.fit."""
+    from cman.training import fit
     from jobs.train import run_training
 
     config = tiny_config(demo_root, **{"training.epochs": 2, "ray.num_workers": 0})
@@ -64,7 +64,7 @@ def test_two_workers_restart_after_failure_and_gather_validation(
 ) -> None:
     """2 DDP workers; rank 0 dies once at the start of epoch 2. FailureConfig restarts the group, which resumes from
     the epoch-1 checkpoint; the gathered val metrics equal a single-process evaluation of the checkpoint."""
-    from cman.engine import evaluate_checkpoint
+    from cman.training import evaluate_checkpoint
     from jobs.train import FAIL_ONCE_ENV, run_training
 
     monkeypatch.setenv(FAIL_ONCE_ENV, "2")

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from cman.engine import evaluate_checkpoint, write_eval
+from cman.training import evaluate_checkpoint, write_eval
 
 logger = logging.getLogger(__name__)
 

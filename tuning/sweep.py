@@ -46,7 +46,6 @@ def train_driver(trial: dict[str, Any], base: dict[str, Any], output_dir: str) -
     Per-epoch MLflow logging is the Tune driver's job here (`TrialLogger`), so the loop's own logging is off.
     """
     from ray import tune
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from jobs.train import build_trainer, make_loop_config
@@ -54,13 +53,7 @@ def train_driver(trial: dict[str, Any], base: dict[str, Any], output_dir: str) -
     config = trial_config(from_dict(base), trial)
     trial_dir = Path(output_dir) / TRIALS_DIR / tune.get_context().get_trial_id()
     loop_config = make_loop_config(config, trial_dir, run=None)
-    trainer = build_trainer(config, trial_dir, loop_config, callbacks=[TuneReportCallback()])
-    TorchTrainer(
-        _tune_loop,
-        train_loop_config=trainer.train_loop_config,
-        scaling_config=trainer.scaling_config,
-        run_config=trainer.run_config,
-    ).fit()
+    build_trainer(config, trial_dir, loop_config, callbacks=[TuneReportCallback()], loop=_tune_loop).fit()
 
 
 def _tune_loop(loop_config: dict[str, Any]) -> None:
@@ -308,7 +301,7 @@ def run_sweep(
     """
     import ray
 
-    from jobs.train import _init_ray
+    from jobs import cluster
     from tuning.registry import TrialLogger
     from tuning.resources import ReleasePlacementGroups
 
@@ -317,7 +310,7 @@ def run_sweep(
     config = _absolute_paths(config, output_dir)
     _check_output_dir(output_dir, resume)
     mlflow_state = _mlflow_setup(config, output_dir, resume)
-    started = _init_ray(address)  # False when the caller (a test, a job) already runs Ray
+    started = cluster.connect(address)  # False when the caller (a test, a job) already runs Ray
     try:
         logger_cb = TrialLogger(
             tracking_uri=mlflow_state["tracking_uri"],

@@ -1,4 +1,4 @@
-"""`cman quickstart`: the main job, offline — demo data → tune sweep → index → test table → serve.
+"""`cman quickstart`, beside the other Ray runners: the main job, offline — demo data → sweep → index → serve.
 
 Everything lands in OUTPUT_DIR: `data/` (embedded dataset), the sweep (`tune/`, `trials/`, `mlflow.db`, `best/` with
 `eval_test.json`), `index/`. Re-running reuses what is already there (dataset, finished sweep, index).
@@ -31,13 +31,9 @@ def ensure_dataset(data_dir: Path, counts: dict[str, int] | None = None) -> None
 
 
 def tracking_hint(config: CMANConfig, output_dir: Path) -> str:
-    try:
-        from tuning.registry import tracking_uri
+    from jobs.tracking import resolve_tracking_uri
 
-        uri = tracking_uri(config.mlflow.tracking_uri, output_dir)
-    except ImportError:
-        uri = f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
-    return f"mlflow ui --backend-store-uri {uri}"
+    return f"mlflow ui --backend-store-uri {resolve_tracking_uri(config.mlflow.tracking_uri, output_dir)}"
 
 
 def train_best(config: CMANConfig, output_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -46,20 +42,12 @@ def train_best(config: CMANConfig, output_dir: Path) -> tuple[Path, dict[str, An
     if (best / "eval_test.json").is_file():
         logger.info("finished sweep found in %s (reused; delete it to start over)", output_dir)
         return best, json.loads((best / "eval_test.json").read_text())
-    try:
-        from tuning.sweep import EXPERIMENT_DIR, run_sweep
-    except ImportError:
-        run_sweep = None
-    if run_sweep is not None:
-        resume = (output_dir / EXPERIMENT_DIR).exists()
-        logger.info("tune sweep: %d trials (%s)", config.tune.num_samples, "resuming" if resume else "new")
-        summary = run_sweep(config, output_dir, resume=resume)
-        return Path(summary["best_checkpoint"]), summary["test"]
-    logger.warning("tuning.sweep is not available: FALLBACK to one training run (cman.engine.fit), no sweep")
-    from cman.engine import fit
+    from tuning.sweep import EXPERIMENT_DIR, run_sweep
 
-    report = fit(config, output_dir / "train")
-    return output_dir / "train" / "checkpoints" / "best", report["test"]
+    resume = (output_dir / EXPERIMENT_DIR).exists()
+    logger.info("tune sweep: %d trials (%s)", config.tune.num_samples, "resuming" if resume else "new")
+    summary = run_sweep(config, output_dir, resume=resume)
+    return Path(summary["best_checkpoint"]), summary["test"]
 
 
 def quickstart(
@@ -74,11 +62,25 @@ def quickstart(
 
     `overrides` (config keys) and `dataset_counts` (items per split) shrink the run for smoke tests.
     """
+    from jobs import cluster
+
+    with cluster.session():  # one Ray (with its dashboard) for the sweep, the index and serving
+        return _run(Path(output_dir).resolve(), num_samples, serve, port, overrides, dataset_counts)
+
+
+def _run(
+    output_dir: Path,
+    num_samples: int | None,
+    serve: bool,
+    port: int,
+    overrides: dict[str, Any] | None,
+    dataset_counts: dict[str, int] | None,
+) -> dict:
     from cman.metrics import format_table
+    from jobs import cluster
     from jobs.build_index import build_index
 
     start = time.perf_counter()
-    output_dir = Path(output_dir).resolve()
     data_dir = output_dir / "data"
     ensure_dataset(data_dir, dataset_counts)
     settings = {"data.root": str(data_dir), "output_dir": str(output_dir), "tune.num_samples": num_samples or 4}
@@ -97,6 +99,8 @@ def quickstart(
     print(f"best checkpoint: {best}\nindex: {index_dir} {counts}")
     print(f"test split ({config.data.test_split}) of the best checkpoint:\n{format_table(test)}")
     print(f"MLflow: {tracking_hint(config, output_dir)}")
+    if cluster.dashboard_url():
+        print(f"Ray dashboard: {cluster.dashboard_url()}")
     result = {"checkpoint": str(best), "index": str(index_dir), "counts": counts, "test": test}
     if serve:
         from serve_app.run import serve_forever

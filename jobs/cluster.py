@@ -1,0 +1,83 @@
+"""Connecting to Ray, written once: `cman train`, `tune`, `index`, `serve` and the quickstart all call `connect`.
+
+`connect(address)` joins `address`, else `RAY_ADDRESS`, else starts a local Ray with the dashboard bound to
+127.0.0.1 (Ray Train's placement-group cleaner and `serve status` need it) and prints the dashboard URL.
+Environment variables the workers need (offline Hugging Face, the MLflow URI) travel in the runtime env, unless a
+surrounding `ray job submit` already sets them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger(__name__)
+_dashboard: dict[str, str] = {}  # the URL of the dashboard of the Ray this process started
+
+WORKER_ENV_VARS = ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "MLFLOW_TRACKING_URI")
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in a `ray job submit` entrypoint (its runtime env)
+
+
+def connect(
+    address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True, verbose: bool = False
+) -> bool:
+    """Join `address` / `RAY_ADDRESS` or start a local Ray; False (nothing done) if Ray is already initialised.
+
+    A local start binds the dashboard to 127.0.0.1 and logs its URL. The caller that got True calls
+    `ray.shutdown()` when done (see `session`).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    env_vars = {k: os.environ[k] for k in WORKER_ENV_VARS if k in os.environ and k not in job_env_vars()}
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
+    if not verbose:
+        kwargs["logging_level"] = logging.WARNING
+    if not address:
+        kwargs["num_cpus"] = num_cpus
+        kwargs["include_dashboard"] = dashboard
+        if dashboard:
+            kwargs["dashboard_host"] = "127.0.0.1"
+    context = ray.init(address=address, **kwargs)
+    url = getattr(context, "dashboard_url", None)
+    if url:
+        _dashboard["url"] = url if "://" in url else f"http://{url}"
+        print(f"Ray dashboard: {_dashboard['url']}", flush=True)
+    return True
+
+
+def dashboard_url() -> str | None:
+    """The dashboard URL of the local Ray that `connect` started (None if it joined a cluster or has none)."""
+    import ray
+
+    return _dashboard.get("url") if ray.is_initialized() else None
+
+
+class session:  # noqa: N801 - used like a function: `with cluster.session(address): ...`
+    """`with session(address):` connects (see `connect`) and shuts Ray down on exit only if it started it."""
+
+    def __init__(self, address: str | None = None, **kwargs: Any):
+        self.address, self.kwargs, self.started = address, kwargs, False
+
+    def __enter__(self) -> bool:
+        self.started = connect(self.address, **self.kwargs)
+        return self.started
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.started:
+            import ray
+
+            ray.shutdown()
+            _dashboard.clear()
+
+
+def job_env_vars() -> set[str]:
+    """Env vars the surrounding `ray job submit` runtime env already sets (ray.init must not set them again)."""
+    raw = os.environ.get(JOB_CONFIG_ENV)
+    if not raw:
+        return set()
+    return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
