@@ -26,6 +26,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check cman jobs tuning serve_app bench tests
 	$(VENV)/bin/ruff format --check cman jobs tuning serve_app bench tests
+	$(PY) tools/check_structure.py   # import circles, private names of other packages, functions over 60 lines
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -49,7 +49,7 @@ def test_help_for_every_subcommand():
             ["data", "validate", "--config", "configs/demo.yaml", "--set", "data.root=/nonexistent"],
             "metadata file /nonexistent/metadata/train_metadata.json not found",
         ),
-        (["data", "import-digits", "/tmp/x", "--fsdd", "/nonexistent"], "error"),
+        (["data", "import-digits", "/tmp/x", "--fsdd", "/nonexistent"], "FSDD directory /nonexistent not found"),
     ],
 )
 def test_errors_are_one_line_without_traceback(args, message):

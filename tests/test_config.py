@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tiny import REPO
 
-from cman.config import CMANConfig, ConfigError, load_config
+from cman.config import ConfigError, load_config
 
 CONFIGS = REPO / "configs"
 
@@ -80,4 +80,4 @@ def test_file_problems(tmp_path):
 def test_flat_view_for_trackers():
     flat = load_config(CONFIGS / "demo.yaml").flat()
     assert flat["peft.rank"] == 8 and flat["model.fusion.layers"] == 2
-    assert isinstance(CMANConfig, type)
+    assert all(isinstance(v, str | int | float | bool | type(None)) for v in flat.values()), flat

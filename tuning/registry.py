@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import ViewType
+from mlflow.entities import Metric, Param, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
-from ray.air.integrations.mlflow import MLflowLoggerCallback
+from ray.tune import Callback
 
 from jobs.tracking import metric_name, resolve_tracking_uri
 from tuning.space import trial_params
@@ -67,43 +68,66 @@ def parent_run(client: MlflowClient, experiment_id: str, run_id: str | None, par
     return run.info.run_id
 
 
-class TrialLogger(MLflowLoggerCallback):
-    """Ray's MLflow callback with CMAN's conventions.
+class TrialLogger(Callback):
+    """One MLflow run per Tune trial, written from the Tune driver (the only process that writes the store).
 
+    - run name = Tune's trial name (`trial_03 rank=16 lr=4.2e-4`), tags `trial_id` and the sweep's parent run;
     - params are the four searched values `rank alpha margin lr` (alpha derived from the sampled ratio);
-    - metric names are made MLflow-safe (no `>` or `@`), non-numbers dropped, step = training iteration (epoch);
-    - each run is a child of the sweep's parent run and tagged with its trial id, and a resumed sweep reopens the
-      trial's existing run instead of starting a second one.
+    - metric names are made MLflow-safe (no `>` or `@`), non-numbers dropped, step = training iteration (epoch),
+      all of an epoch's metrics in one `log_batch` call;
+    - a resumed sweep reopens the trial's existing run instead of starting a second one.
     """
 
-    def log_trial_start(self, trial) -> None:
-        if trial not in self._trial_runs:
-            existing = self._find_run(trial.trial_id)
-            if existing is not None:
-                self._trial_runs[trial] = existing
-                self.mlflow_util._get_client().update_run(existing, status="RUNNING")
-            else:
-                tags = {**self.tags, "trial_name": str(trial), "trial_id": trial.trial_id}
-                run = self.mlflow_util.start_run(tags=tags, run_name=str(trial))
-                self._trial_runs[trial] = run.info.run_id
-        run_id = self._trial_runs[trial]
-        client = self.mlflow_util._get_client()
+    def __init__(self, tracking_uri: str, experiment_id: str, tags: dict[str, str]):
+        self.tracking_uri, self.experiment_id, self.tags = tracking_uri, experiment_id, tags
+        self.runs: dict[str, str] = {}  # trial id -> run id
+
+    def __getstate__(self) -> dict:  # Tune checkpoints its callbacks; the client is rebuilt on use
+        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "tags": self.tags, "runs": {}}
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking_uri)
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        client = self.client()
+        run_id = self.runs.get(trial.trial_id) or self._find_run(client, trial.trial_id)
+        if run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+        else:
+            tags = {**self.tags, "trial_name": str(trial), "trial_id": trial.trial_id}
+            run_id = client.create_run(self.experiment_id, run_name=str(trial), tags=tags).info.run_id
+        self.runs[trial.trial_id] = run_id
         logged = client.get_run(run_id).data.params
-        for key, value in trial_params(trial.config).items():
-            if key not in logged:
-                client.log_param(run_id, key, value)
+        params = [Param(k, str(v)) for k, v in trial_params(trial.config).items() if k not in logged]
+        if params:
+            client.log_batch(run_id, params=params)
 
-    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
-        step = int(result.get("training_iteration") or iteration)
-        self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=numeric_metrics(result), step=step)
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is None:
+            return
+        step, now = int(result.get("training_iteration") or iteration), int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
+        self.client().log_batch(run_id, metrics=metrics, synchronous=False)
 
-    def _find_run(self, trial_id: str) -> str | None:
-        client = self.mlflow_util._get_client()
-        experiment = client.get_experiment_by_name(self.experiment_name)
-        if experiment is None:
-            return None
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._end(trial, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._end(trial, "FAILED")
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        mlflow.flush_async_logging()
+
+    def _end(self, trial, status: str) -> None:
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is not None:
+            mlflow.flush_async_logging()
+            self.client().set_terminated(run_id, status=status)
+
+    def _find_run(self, client: MlflowClient, trial_id: str) -> str | None:
         runs = client.search_runs(
-            [experiment.experiment_id], f"tags.trial_id = '{trial_id}'", run_view_type=ViewType.ACTIVE_ONLY
+            [self.experiment_id], f"tags.trial_id = '{trial_id}'", run_view_type=ViewType.ACTIVE_ONLY
         )
         return runs[0].info.run_id if runs else None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,18 @@ def _tune_loop(loop_config: dict[str, Any]) -> None:
     train_loop_per_worker(loop_config)
 
 
+def trial_name(trial: Any) -> str:
+    """What Tune's table and MLflow call a trial: `trial_03 rank=16 lr=4.2e-4` (number = Tune's trial counter)."""
+    digits = re.search(r"(\d+)$", trial.trial_id)
+    params = trial_params(trial.config)
+    number = int(digits.group(1)) if digits else 0
+    return f"trial_{number:02d} rank={params['rank']} lr={params['lr']:.1e}"
+
+
+def trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
 def _trainable(config: CMANConfig, output_dir: Path):
     from ray import tune
 
@@ -118,6 +131,8 @@ def build_tuner(config: CMANConfig, output_dir: Path, callbacks: list) -> Any:
         scheduler=scheduler,
         num_samples=tc.num_samples,
         max_concurrent_trials=tc.max_concurrent,
+        trial_name_creator=trial_name,
+        trial_dirname_creator=trial_dirname,
     )
     run_config = tune.RunConfig(
         name=EXPERIMENT_DIR,
@@ -314,7 +329,7 @@ def run_sweep(
     try:
         logger_cb = TrialLogger(
             tracking_uri=mlflow_state["tracking_uri"],
-            experiment_name=mlflow_state["experiment"],
+            experiment_id=mlflow_state["experiment_id"],
             tags={"mlflow.parentRunId": mlflow_state["parent_run_id"], "cman.kind": "trial"},
         )
         releaser = ReleasePlacementGroups(str(output_dir / TRIALS_DIR))
