@@ -95,7 +95,7 @@ class ModelConfig(_Section):
         return enc
 
 
-class PeftConfig(_Section):
+class LoraSettings(_Section):
     enabled: bool = True
     rank: int = Field(default=8, ge=1)
     alpha: float = Field(default=16.0, gt=0)
@@ -105,10 +105,14 @@ class PeftConfig(_Section):
     )
 
 
+LossKind = Literal["max_margin", "infonce"]
+MarginMode = Literal["hardest", "sum"]
+
+
 class LossConfig(_Section):
-    type: Literal["max_margin", "infonce"] = "max_margin"
+    type: LossKind = "max_margin"
     margin: float = Field(default=0.2, gt=0.0, le=2.0)
-    mode: Literal["hardest", "sum"] = "hardest"
+    mode: MarginMode = "hardest"
     temperature: float = Field(default=0.07, gt=0.0)
 
 
@@ -214,7 +218,7 @@ class MlflowConfig(_Section):
 
 class CMANConfig(_Section):
     model: ModelConfig
-    peft: PeftConfig = PeftConfig()
+    peft: LoraSettings = LoraSettings()
     loss: LossConfig = LossConfig()
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()

@@ -11,12 +11,13 @@ never used as each other's negatives.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cman.config import LossKind, MarginMode
 from cman.modality import Modality
 
 PAIRS: tuple[tuple[Modality, Modality], ...] = (
@@ -24,8 +25,8 @@ PAIRS: tuple[tuple[Modality, Modality], ...] = (
     (Modality.AUDIO, Modality.IMAGE),
     (Modality.TEXT, Modality.AUDIO),
 )
-LOSS_KINDS = ("max_margin", "infonce")
-MARGIN_MODES = ("hardest", "sum")
+LOSS_KINDS = get_args(LossKind)  # the allowed values are written once, in cman.config
+MARGIN_MODES = get_args(MarginMode)
 
 
 def _pair_name(pair: tuple[Modality, Modality]) -> str:
@@ -150,15 +151,8 @@ class CMANLoss(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Any) -> CMANLoss:
-        """Build from a config with attributes ``type``, ``margin``, ``mode``, ``temperature``
-        (and optionally ``learnable_temperature``)."""
-        return cls(
-            kind=cfg.type,
-            margin=cfg.margin,
-            mode=cfg.mode,
-            temperature=cfg.temperature,
-            learnable_temperature=bool(getattr(cfg, "learnable_temperature", False)),
-        )
+        """Build from a `LossConfig` (`type`, `margin`, `mode`, `temperature`)."""
+        return cls(kind=cfg.type, margin=cfg.margin, mode=cfg.mode, temperature=cfg.temperature)
 
     def forward(
         self,

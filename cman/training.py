@@ -219,13 +219,14 @@ def fit(
         if stop_after is not None and epochs_run >= stop_after:
             return {"history": state.history, "test": None, "eval_path": None, "stopped": True}
         epochs_run += 1
+        started_at = time.time()
         hooks.before_epoch(state.epoch + 1)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(state.epoch)
         stats = train_one_epoch(config, state, train_loader, device, dtype, scaler, model=model, progress=progress)
         started = time.perf_counter()
         val = evaluate_embeddings(hooks.gather(compute_embeddings(state.model, val_loader, device, dtype)))
-        stats["val_seconds"] = time.perf_counter() - started
+        stats["val_seconds"], stats["started_at"] = time.perf_counter() - started, started_at
         record, improved = end_epoch(config, state, stats, val)
         metrics = {**flat_metrics(val), **record, "start_epoch": start_epoch, "world_size": hooks.world}
         metrics["lr"] = state.optimizer.param_groups[0]["lr"]
@@ -289,8 +290,7 @@ def end_epoch(
     """Advance the epoch, append its history record; True if `val` improved on the best rsum so far."""
     state.epoch += 1
     record = {"epoch": state.epoch, "train_loss": stats["loss"], "val_rsum": val["rsum"], "seconds": stats["seconds"]}
-    if "val_seconds" in stats:
-        record["val_seconds"] = stats["val_seconds"]
+    record.update({k: stats[k] for k in ("val_seconds", "started_at") if k in stats})
     state.history.append(record)
     logger.info(
         "epoch %d/%d  loss %.4f  val rsum %.1f  (%.1fs)",

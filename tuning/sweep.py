@@ -260,12 +260,7 @@ def _finish(config: CMANConfig, output_dir: Path, results, mlflow_state: dict[st
         "n_trials": len(table),
         "n_stopped_early": int((table["epochs"] < config.training.epochs).sum()),
     }
-    for key, value in summary_metrics.items():
-        client.log_metric(parent, key, float(value))
-    for key, value in report["importance"].items():
-        client.log_metric(parent, f"importance_{key}", float(value))
-    client.set_tag(parent, "best_trial_id", winner_id)
-    client.set_terminated(parent, "FINISHED")
+    _close_parent(client, parent, summary_metrics, report["importance"], winner_id)
     return {
         "best_params": trial_params(winner.config),
         "best_trial_id": winner_id,
@@ -284,6 +279,16 @@ def _finish(config: CMANConfig, output_dir: Path, results, mlflow_state: dict[st
         "model": model,
         "mlflow": {**mlflow_state, "best_run_id": run_id},
     }
+
+
+def _close_parent(client: Any, parent: str, metrics: dict, importance: dict, winner_id: str) -> None:
+    """The sweep's parent run: summary and importance metrics, the best trial's id; then FINISHED."""
+    for key, value in metrics.items():
+        client.log_metric(parent, key, float(value))
+    for key, value in importance.items():
+        client.log_metric(parent, f"importance_{key}", float(value))
+    client.set_tag(parent, "best_trial_id", winner_id)
+    client.set_terminated(parent, "FINISHED")
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

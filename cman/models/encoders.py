@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
-from cman.config import EncoderConfig, PeftConfig
+from cman.config import EncoderConfig, LoraSettings
 from cman.modality import Modality
 from cman.models.lora import add_lora, lora_targets
 
@@ -126,7 +126,7 @@ def _limit_tokens(tokens: torch.Tensor, mask: torch.Tensor, max_tokens: int) -> 
 def build_encoder(
     modality: Modality,
     cfg: EncoderConfig,
-    peft: PeftConfig,
+    peft: LoraSettings,
     width: int,
     dropout: float,
     max_tokens: int,

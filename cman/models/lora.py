@@ -11,7 +11,7 @@ import logging
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from cman.config import PeftConfig
+from cman.config import LoraSettings
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def lora_targets(model: nn.Module, model_type: str, override: list[str] | None =
     )
 
 
-def add_lora(backbone: nn.Module, cfg: PeftConfig, targets: list[str], freeze_base: bool) -> nn.Module:
+def add_lora(backbone: nn.Module, cfg: LoraSettings, targets: list[str], freeze_base: bool) -> nn.Module:
     """Wrap `backbone` with LoRA adapters on `targets`; base weights stay trainable only if `freeze_base` is false."""
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none")
     model = get_peft_model(backbone, lora)
