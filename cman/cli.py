@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     _quiet_libraries()
+    os.environ["CMAN_VERBOSE"] = "1" if args.verbose else os.environ.get("CMAN_VERBOSE", "")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

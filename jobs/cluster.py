@@ -17,11 +17,13 @@ logger = logging.getLogger(__name__)
 _dashboard: dict[str, str] = {}  # the URL of the dashboard of the Ray this process started
 
 WORKER_ENV_VARS = ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "MLFLOW_TRACKING_URI")
+VERBOSE_ENV = "CMAN_VERBOSE"  # set by `cman -v`: Ray's and the workers' own logs and progress bars come back
+QUIET_WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # transformers' "Writing model shards" bars per checkpoint
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in a `ray job submit` entrypoint (its runtime env)
 
 
 def connect(
-    address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True, verbose: bool = False
+    address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True, verbose: bool | None = None
 ) -> bool:
     """Join `address` / `RAY_ADDRESS` or start a local Ray; False (nothing done) if Ray is already initialised.
 
@@ -33,7 +35,11 @@ def connect(
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
+    verbose = is_verbose() if verbose is None else verbose
     env_vars = {k: os.environ[k] for k in WORKER_ENV_VARS if k in os.environ and k not in job_env_vars()}
+    if not verbose:
+        env_vars = {**QUIET_WORKER_ENV, **env_vars}
+        os.environ.update({k: v for k, v in QUIET_WORKER_ENV.items() if k not in os.environ})
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
     if not verbose:
         kwargs["logging_level"] = logging.WARNING
@@ -73,6 +79,21 @@ class session:  # noqa: N801 - used like a function: `with cluster.session(addre
 
             ray.shutdown()
             _dashboard.clear()
+
+
+def is_verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def quiet_train_worker_logs() -> None:
+    """Ray Train's per-report INFO lines ("Reporting training result", "Checkpoint successfully created") off.
+
+    Its report logger is named by its file path, so it is named here the same way (no private import)."""
+    import ray.train
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    context = os.path.join(os.path.dirname(ray.train.__file__), "v2", "_internal", "execution", "context.py")
+    logging.getLogger(context).setLevel(logging.WARNING)
 
 
 def job_env_vars() -> set[str]:

@@ -77,6 +77,8 @@ class RayHooks(TrainHooks):
         in_process = config.ray.num_workers == 0
         self.staging = self.output_dir / "ray_results" / RUN_NAME / "in_process" if in_process else None
         set_worker_threads(config)
+        if not loop_config.get("verbose"):
+            cluster.quiet_train_worker_logs()
 
     @contextlib.contextmanager
     def checkpoint_dir(self):
@@ -187,6 +189,7 @@ def make_loop_config(
         "output_dir": str(Path(output_dir).resolve()),
         "mlflow": asdict(run) if run is not None else False,
         "fail_once_at_epoch": fail_once_at_epoch,
+        "verbose": cluster.is_verbose(),
     }
 
 

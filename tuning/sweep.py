@@ -115,6 +115,8 @@ def build_tuner(config: CMANConfig, output_dir: Path, callbacks: list) -> Any:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from jobs import cluster
+
     tc = config.tune
     searcher = OptunaSearch(points_to_evaluate=[baseline_point(config)], seed=tc.seed)
     epochs = config.training.epochs
@@ -139,6 +141,7 @@ def build_tuner(config: CMANConfig, output_dir: Path, callbacks: list) -> Any:
         storage_path=str(output_dir),
         callbacks=callbacks,
         progress_reporter=_reporter(config),
+        verbose=2 if cluster.is_verbose() else 1,  # 1: the status table every 30 s and the final table
         failure_config=tune.FailureConfig(max_failures=0),
     )
     return tune.Tuner(

@@ -60,9 +60,16 @@ class CMAN(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         for enc in self.encoders.values():
             base = _base_model(enc.backbone)
+            # transformers >= 5.2x renamed gradient_* to activation_* (the old names warn); use what this one has
+            renamed = hasattr(base, "activation_checkpointing_enable")
             if enabled and getattr(base, "supports_gradient_checkpointing", False):
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            elif not enabled and getattr(base, "is_gradient_checkpointing", False):
+                if renamed:
+                    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            elif not enabled and renamed and base.is_activation_checkpointing:
+                base.activation_checkpointing_disable()
+            elif not enabled and not renamed and getattr(base, "is_gradient_checkpointing", False):
                 base.gradient_checkpointing_disable()
 
     def merge_adapters(self) -> CMAN:
