@@ -69,7 +69,9 @@ def test_two_workers_restart_after_failure_and_gather_validation(
 
     monkeypatch.setenv(FAIL_ONCE_ENV, "2")
     out = tmp_path / "run"
-    config = tiny_config(demo_root, **{"training.epochs": 2, "ray.num_workers": 2, "ray.max_failures": 1})
+    config = tiny_config(
+        demo_root, **{"training.epochs": 2, "ray.num_workers": 2, "ray.max_failures": 1, "training.num_threads": 1}
+    )
     report = run_training(config, out)
 
     assert (out / ".injected_failure_epoch_2").exists(), "the injected failure did not happen"

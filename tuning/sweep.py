@@ -36,7 +36,11 @@ def trial_resources(config: CMANConfig) -> tuple[dict[str, float], dict[str, Any
     per_worker = {"CPU": round((tc.cpus_per_trial - driver_cpu) / workers, 4)}
     if tc.gpus_per_trial:
         per_worker["GPU"] = round(tc.gpus_per_trial / workers, 4)
-    overrides = {"ray.resources_per_worker": per_worker, "ray.use_gpu": tc.gpus_per_trial > 0}
+    overrides = {
+        "ray.resources_per_worker": per_worker,
+        "ray.use_gpu": tc.gpus_per_trial > 0,
+        "training.num_threads": None,  # the worker's CPU share, rounded up (jobs.train.set_worker_threads)
+    }
     return {"cpu": driver_cpu, "gpu": 0}, overrides
 
 
