@@ -6,6 +6,7 @@ trial count, ASHA's early stop, the MLflow child runs and the `cman@champion` mo
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def tune_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _interrupt_when_trial_starts(experiment: Path, n: int, stop: threading.Event) -> None:
     """SIGUSR1 (what Tune treats like Ctrl-C) to this process once trial number `n` (1-based) has a folder."""
     while not stop.is_set():
-        if len([p for p in experiment.glob("train_driver_*") if p.is_dir()]) >= n:
+        if len([p for p in experiment.glob("trial_*") if p.is_dir()]) >= n:
             signal.raise_signal(signal.SIGUSR1)
             return
         time.sleep(0.2)
@@ -82,7 +83,7 @@ def sweep(ray_session, tune_root: Path, tmp_path_factory: pytest.TempPathFactory
     try:
         with pytest.raises(RuntimeError, match="interrupted after 2/3 trials"):
             run_sweep(config, out)
-        before = {p.name: _rows(p / "progress.csv") for p in (out / "tune").glob("train_driver_*")}
+        before = {p.name: _rows(p / "progress.csv") for p in (out / "tune").glob("trial_*")}
         summary = run_sweep(config, out, resume=True)
     finally:
         stop.set()
@@ -152,6 +153,7 @@ def test_mlflow_child_runs_and_champion(sweep: dict) -> None:
     assert len(runs) == N_TRIALS
     for run in runs:
         assert {"rank", "alpha", "margin", "lr"} <= set(run.data.params)
+        assert re.fullmatch(r"trial_\d{2} rank=\d+ lr=\d\.\de-\d\d", run.info.run_name), run.info.run_name
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_rsum")]
         assert 1 <= len(steps) <= EPOCHS and len(set(steps)) == len(steps)
         assert not any(">" in key or "@" in key for key in run.data.metrics)
