@@ -84,20 +84,16 @@ class ModalityEncoder(nn.Module):
         return self.backbone.config
 
     def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return tokens (batch, seq, width) and mask (batch, seq), True where a token is real."""
-        if self.modality == Modality.TEXT:
-            out = self.backbone(input_ids=features["input_ids"], attention_mask=features["attention_mask"])
-            mask = features["attention_mask"].bool()  # (batch, tokens)
-        elif self.modality == Modality.IMAGE:
-            out = self.backbone(pixel_values=features["pixel_values"])
-            mask = None
-        elif "attention_mask" in features:  # waveform models (HuBERT, wav2vec2)
-            out = self.backbone(input_values=features["input_values"], attention_mask=features["attention_mask"])
-            lengths = self._frame_lengths(features["attention_mask"].sum(-1))
+        """Return tokens (batch, seq, width) and mask (batch, seq), True where a token is real.
+
+        `features` are the processor's outputs, which are the backbone's keyword arguments (`input_ids` +
+        `attention_mask`, `pixel_values`, `input_values` [+ `attention_mask` for waveform models])."""
+        out = self.backbone(**features)
+        mask = features.get("attention_mask")
+        if mask is not None and mask.shape[1] != out.last_hidden_state.shape[1]:  # per sample (waveform models)
+            lengths = self._frame_lengths(mask.sum(-1))
             mask = torch.arange(out.last_hidden_state.shape[1], device=lengths.device)[None] < lengths[:, None]
-        else:  # spectrogram models (AST)
-            out = self.backbone(input_values=features["input_values"])
-            mask = None
+        mask = mask.bool() if mask is not None else None  # (batch, seq)
         hidden = out.last_hidden_state  # (batch, seq, hidden)
         if mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
