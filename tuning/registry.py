@@ -67,6 +67,22 @@ def parent_run(client: MlflowClient, experiment_id: str, run_id: str | None, par
     return run.info.run_id
 
 
+def mark_interrupted_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark the runs of `experiment_id` still RUNNING as FAILED (tag `cman.interrupted`); returns their ids.
+
+    Called when a sweep resumes: a run still RUNNING then belongs to a driver that died without closing it (SIGKILL,
+    OOM, a lost machine). Runs of trials that the resumed sweep continues are reopened by `TrialLogger` (RUNNING
+    again, tag `cman.resumed`) and finished normally; the others stay FAILED instead of RUNNING forever.
+    """
+    runs = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=10_000)
+    for run in runs:
+        client.set_tag(run.info.run_id, "cman.interrupted", "its sweep driver died; marked FAILED on --resume")
+        client.set_terminated(run.info.run_id, status="FAILED")
+    if runs:
+        logger.info("marked %d MLflow run(s) of the interrupted sweep as FAILED", len(runs))
+    return [run.info.run_id for run in runs]
+
+
 class TrialLogger(MLflowLoggerCallback):
     """Ray's MLflow callback with CMAN's conventions.
 
@@ -82,6 +98,7 @@ class TrialLogger(MLflowLoggerCallback):
             if existing is not None:
                 self._trial_runs[trial] = existing
                 self.mlflow_util._get_client().update_run(existing, status="RUNNING")
+                self.mlflow_util._get_client().set_tag(existing, "cman.resumed", "true")
             else:
                 tags = {**self.tags, "trial_name": str(trial), "trial_id": trial.trial_id}
                 run = self.mlflow_util.start_run(tags=tags, run_name=str(trial))
