@@ -59,6 +59,7 @@ def parent_run(client: MlflowClient, experiment_id: str, run_id: str | None, par
     if run_id:
         try:
             client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, "cman.resumed", "true")
             return run_id
         except MlflowException:
             logger.warning("parent run %s not found in MLflow; starting a new one", run_id)
@@ -66,6 +67,22 @@ def parent_run(client: MlflowClient, experiment_id: str, run_id: str | None, par
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
     return run.info.run_id
+
+
+def mark_interrupted_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark the runs of `experiment_id` still RUNNING as FAILED (tag `cman.interrupted`); returns their ids.
+
+    Called when a sweep resumes: a run still RUNNING then belongs to a driver that died without closing it (SIGKILL,
+    OOM, a lost machine). Runs of trials that the resumed sweep continues are reopened by `TrialLogger` (RUNNING
+    again, tag `cman.resumed`) and finished normally; the others stay FAILED instead of RUNNING forever.
+    """
+    runs = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=10_000)
+    for run in runs:
+        client.set_tag(run.info.run_id, "cman.interrupted", "its sweep driver died; marked FAILED on --resume")
+        client.set_terminated(run.info.run_id, status="FAILED")
+    if runs:
+        logger.info("marked %d MLflow run(s) of the interrupted sweep as FAILED", len(runs))
+    return [run.info.run_id for run in runs]
 
 
 class TrialLogger(Callback):
@@ -93,6 +110,7 @@ class TrialLogger(Callback):
         run_id = self.runs.get(trial.trial_id) or self._find_run(client, trial.trial_id)
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, "cman.resumed", "true")
         else:
             tags = {**self.tags, "trial_name": str(trial), "trial_id": trial.trial_id}
             run_id = client.create_run(self.experiment_id, run_name=str(trial), tags=tags).info.run_id

@@ -212,6 +212,8 @@ def _mlflow_setup(config: CMANConfig, output_dir: Path, resume: bool) -> dict[st
     previous = json.loads(state_path.read_text()) if resume and state_path.is_file() else {}
     name = previous.get("experiment") or f"{config.mlflow.experiment}-sweep-{output_dir.name}"
     experiment_id = registry.ensure_experiment(client, name, output_dir / "mlartifacts")
+    if resume:
+        registry.mark_interrupted_runs(client, experiment_id)
     sweep_params = {
         "num_samples": config.tune.num_samples,
         "max_concurrent": config.tune.max_concurrent,
