@@ -76,7 +76,8 @@ class RayHooks(TrainHooks):
         self._resume: Path | None = None
         in_process = config.ray.num_workers == 0
         self.staging = self.output_dir / "ray_results" / RUN_NAME / "in_process" if in_process else None
-        set_worker_threads(config)
+        if not in_process:  # in-process mode runs in the caller's process: leave its threads alone
+            set_worker_threads(config)
         if not loop_config.get("verbose"):
             cluster.quiet_train_worker_logs()
 

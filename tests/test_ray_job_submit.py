@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tiny import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 JOB_TIMEOUT_S = 420
 UPLOAD_EXCLUDES = [".venv", ".git", "outputs", "data", "runs", "ray_results", "tests/artifacts", "bench/results"]

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny import REPO
 
 from cman.config import CMANConfig, load_config
 
-REPO = Path(__file__).resolve().parents[1]
 # configs/demo.yaml with 1-layer encoders and fusion, small batches: a few seconds per epoch on 2 cores
 TINY = {
     "model.text.init.num_hidden_layers": 1,

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny import REPO
 
 from cman.config import CMANConfig, ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
 N_TRIALS = 3
 TINY = {
