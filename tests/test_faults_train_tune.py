@@ -111,8 +111,8 @@ class CmanProcess:
                 proc.kill()
             except psutil.Error:
                 pass
-        psutil.wait_procs([self.root, *self.seen.values()], timeout=10)
-        self.popen.wait(timeout=10)
+        self.popen.wait(timeout=10)  # reaped by Popen (not psutil), so popen.returncode stays the real status
+        psutil.wait_procs(list(self.seen.values()), timeout=10)
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
@@ -263,8 +263,8 @@ def test_tune_driver_sigkill_then_resume(cman_process, demo_root: Path, tmp_path
     finished, running = poll(lambda: second_trial_training(uri), driver, 240, "a second trial")
     time.sleep(KILL_AFTER_S)  # into the second trial's training
     driver.popen.send_signal(signal.SIGKILL)  # the `cman tune` process itself: Tune's driver
+    assert driver.popen.wait(timeout=30) == -signal.SIGKILL
     driver.kill_all()  # and what it left behind (Ray's processes share its fate; anything else is killed here)
-    assert driver.popen.returncode == -signal.SIGKILL
 
     killed = sweep_runs(uri)
     left_running = {rid for rid, r in killed.items() if r.info.status == "RUNNING"}
