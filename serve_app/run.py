@@ -51,22 +51,36 @@ def sample_requests(url: str, caption: str = "a large red circle on the left") -
     ]
 
 
+def connect_ray() -> None:
+    """Join `RAY_ADDRESS` or start a local Ray (the one place serving starts Ray; hub access is left as configured).
+
+    `HF_HUB_OFFLINE` is passed on to the replicas only when it is set here: a checkpoint whose frozen base is a hub
+    model then loads from the warm cache or the hub (see `CMAN.from_pretrained` for the error when neither has it).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HOME", "HF_ENDPOINT") if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env)
+    else:
+        ray.init(include_dashboard=False, runtime_env=runtime_env)
+
+
 def start_app(checkpoint: str | Path, index: str | Path, config: str | Path | None, host: str, port: int) -> str:
     """Start Ray + Serve (HTTP on host:port) and deploy the application; return its base URL."""
-    import ray
     from ray import serve
 
     from serve_app.app import ServeArgs, build_app
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}
-        if address:
-            ray.init(address=address, runtime_env=env)
-        else:
-            ray.init(include_dashboard=False, runtime_env=env)
+    connect_ray()
     serve.start(http_options={"host": host, "port": port})
-    args = ServeArgs(checkpoint=str(checkpoint), index_dir=str(index), config=str(config) if config else None)
+    args = ServeArgs(
+        checkpoint=str(checkpoint), index_dir=str(index), config=str(config) if config else None, host=host
+    )
     start = time.perf_counter()
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     logger.info("application %r running (serve.run took %.1f s)", APP_NAME, time.perf_counter() - start)
