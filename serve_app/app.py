@@ -58,9 +58,8 @@ def checkpoint_modalities(checkpoint: Path) -> list[str]:
 def build_app(args: ServeArgs) -> Application:
     """Compose the deployments for `args` (Serve validates the dict of `serve run`/config.yaml into ServeArgs)."""
     from serve_app.encoders import DEPLOYMENT_NAMES, EncoderDeployment
-    from serve_app.ingress import Ingress
     from serve_app.retriever import RetrieverDeployment
-    from serve_app.security import key_digest, resolve_api_key
+    from serve_app.security import resolve_api_key
 
     if not isinstance(args, ServeArgs):
         args = ServeArgs.model_validate(args)
@@ -86,8 +85,18 @@ def build_app(args: ServeArgs) -> Application:
     retriever = RetrieverDeployment.options(max_ongoing_requests=256, num_replicas=1, **common).bind(
         encoders, str(checkpoint), str(index_dir), cfg.index_kind, cfg.num_cpus_per_replica, cfg.num_gpus_per_replica
     )
+    return build_ingress(cfg, key, args.host, retriever, encoders)
+
+
+def build_ingress(
+    cfg: ServeConfig, key: str | None, host: str, retriever: Any, encoders: dict[str, Any]
+) -> Application:
+    """The FastAPI ingress over `retriever` + `encoders` (bound deployments, or handles of a running application)."""
+    from serve_app.ingress import Ingress
+    from serve_app.security import key_digest
+
+    settings = {**cfg.model_dump(), "api_key_sha256": key_digest(key), "bind_host": host}
     ingress_cpus = min(cfg.num_cpus_per_replica, 1.0)
-    settings = {**cfg.model_dump(), "api_key_sha256": key_digest(key), "bind_host": args.host}
     return Ingress.options(ray_actor_options={"num_cpus": ingress_cpus}, max_ongoing_requests=256).bind(
         retriever, encoders, settings
     )

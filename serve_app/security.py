@@ -73,6 +73,12 @@ class GuardSettings:
         return None
 
 
+def route_path(scope: dict) -> str:
+    """The path below the application's route prefix (Serve passes the prefix as `root_path`)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "").rstrip("/")
+    return (path[len(root) :] or "/") if root and path.startswith(root) else path
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -97,7 +103,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        path, method = scope.get("path", ""), scope.get("method", "GET")
+        path, method = route_path(scope), scope.get("method", "GET")
         if path not in OPEN_PATHS and not settings.authorized(headers):
             message = "missing or wrong API key: send Authorization: Bearer <key>"
             await send_error(send, 401, message, {"www-authenticate": "Bearer"})
