@@ -155,3 +155,18 @@ def test_audio_bombs_are_refused_or_cut_in_bounded_memory(served_app: dict) -> N
         assert growth < 200
         good = client.post("/search", data={"target": "text"}, files={"audio": ("a.wav", wav(1.0), "audio/wav")})
         assert good.status_code == 200 and replica_pids("AudioEncoder") == [pid]
+
+
+def test_each_encoder_replica_holds_only_its_own_encoder(served_app: dict, trained_checkpoint: Path) -> None:
+    from ray import serve
+
+    from cman.modality import Modality
+    from cman.models.cman import CMAN, count_parameters
+    from serve_app.encoders import DEPLOYMENT_NAMES
+
+    full = CMAN.from_pretrained(trained_checkpoint).merge_adapters()
+    total = count_parameters(full)[1]
+    for modality in Modality:
+        info = serve.get_deployment_handle(DEPLOYMENT_NAMES[modality], SERVE_APP).info.remote().result(timeout_s=60)
+        own = count_parameters(full.encoders[modality.value])[1]
+        assert info["modality"] == modality.value and info["parameters"] == own < total
