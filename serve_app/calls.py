@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,7 +11,7 @@ from serve_app.errors import RequestError, raise_if_error
 
 logger = logging.getLogger(__name__)
 
-retried: contextvars.ContextVar[bool] = contextvars.ContextVar("cman_retried", default=False)
+RETRIED_HEADER = "X-CMAN-Retried"
 
 
 class ServiceUnavailable(RequestError):
@@ -45,8 +44,18 @@ def backpressure(err: BaseException) -> Any:
     return next((e for e in _chain(err) if isinstance(e, BackPressureError)), None)
 
 
-async def call(make: Callable[[], Awaitable[Any]], *, timeout_s: float, idempotent: bool, what: str = "request") -> Any:
-    """Await `make()` (a fresh deployment call each attempt); one retry if a replica died and the call is idempotent."""
+async def call(
+    make: Callable[[], Awaitable[Any]],
+    *,
+    timeout_s: float,
+    idempotent: bool,
+    what: str = "request",
+    state: dict | None = None,
+) -> Any:
+    """Await `make()` (a fresh deployment call each attempt); one retry if a replica died and the call is idempotent.
+
+    A retry is recorded in `state` (the ASGI scope's "state"): the Guard middleware then adds `X-CMAN-Retried: 1`.
+    """
     for attempt in (1, 2):
         try:
             result = await asyncio.wait_for(make(), timeout=timeout_s)
@@ -63,7 +72,8 @@ async def call(make: Callable[[], Awaitable[Any]], *, timeout_s: float, idempote
                 raise
             if attempt == 1 and idempotent:
                 logger.warning("a replica died during a %s; retrying once: %s", what, type(err).__name__)
-                retried.set(True)
+                if state is not None:
+                    state["retried"] = True
                 continue
             done = "was retried once and" if attempt == 2 else "is not retried (it changes state) and"
             raise ServiceUnavailable(

@@ -18,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import schemas as s
-from serve_app.calls import ServiceUnavailable, call, retried
+from serve_app.calls import ServiceUnavailable, call
 from serve_app.errors import RequestError
 from serve_app.security import Guard, GuardSettings
 from serve_app.uploads import Limits, payloads
@@ -42,9 +42,6 @@ FIELD_HINTS = {
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    headers = dict(headers or {})
-    if retried.get():
-        headers["X-CMAN-Retried"] = "1"
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -120,6 +117,10 @@ class Ingress:
             raise RequestError(400, "empty query: send at least one of text, audio (file), image (file)")
         return found
 
+    async def _call(self, request: Request, make: Any, what: str, idempotent: bool = True) -> Any:
+        state = request.scope.setdefault("state", {})
+        return await call(make, timeout_s=self.timeout_s, idempotent=idempotent, what=what, state=state)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index(self) -> HTMLResponse:
         return HTMLResponse(self.page)
@@ -142,12 +143,7 @@ class Ingress:
         """Search the `target` gallery with any combination of text, audio and image (a composed query)."""
         found = await self._query(request, text, audio, image)
         target_name = s.Target(target).value
-        return await call(
-            lambda: self.retriever.search.remote(found, target_name, k),
-            timeout_s=self.timeout_s,
-            idempotent=True,
-            what="search",
-        )
+        return await self._call(request, lambda: self.retriever.search.remote(found, target_name, k), "search")
 
     @app.post("/embed", response_model=s.EmbedResponse, responses=QUERY_ERRORS)
     async def embed(
@@ -155,7 +151,7 @@ class Ingress:
     ) -> dict[str, Any]:
         """The 512-d embedding of any combination of text, audio and image."""
         found = await self._query(request, text, audio, image)
-        return await call(lambda: self.retriever.embed.remote(found), timeout_s=self.timeout_s, idempotent=True)
+        return await self._call(request, lambda: self.retriever.embed.remote(found), "embedding")
 
     @app.post("/items", response_model=s.ItemResponse, responses=s.errors(400, 403, 413, 415, 422))
     async def add_item(
@@ -170,17 +166,11 @@ class Ingress:
         found = await self._query(request, text, audio, image, empty_ok=True)
         if not found:
             raise RequestError(400, "an item needs at least one of text, audio (file), image (file)")
-        return await call(
-            lambda: self.retriever.add_item.remote(id, found),
-            timeout_s=self.timeout_s,
-            idempotent=False,
-            what="item addition",
-        )
+        make = lambda: self.retriever.add_item.remote(id, found)  # noqa: E731
+        return await self._call(request, make, "item addition", idempotent=False)
 
-    async def _media(self, item_id: str, kind: str) -> Response:
-        data, media_type = await call(
-            lambda: self.retriever.media.remote(item_id, kind), timeout_s=self.timeout_s, idempotent=True
-        )
+    async def _media(self, request: Request, item_id: str, kind: str) -> Response:
+        data, media_type = await self._call(request, lambda: self.retriever.media.remote(item_id, kind), kind)
         return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
 
     @app.get(
@@ -188,35 +178,35 @@ class Ingress:
         response_class=Response,
         responses={200: {"content": s.MEDIA_CONTENT["image"], "description": "the item's image"}, **s.errors(404, 422)},
     )
-    async def item_image(self, item_id: ItemId) -> Response:
-        return await self._media(item_id, "image")
+    async def item_image(self, request: Request, item_id: ItemId) -> Response:
+        return await self._media(request, item_id, "image")
 
     @app.get(
         "/items/{item_id}/audio",
         response_class=Response,
         responses={200: {"content": s.MEDIA_CONTENT["audio"], "description": "the item's audio"}, **s.errors(404, 422)},
     )
-    async def item_audio(self, item_id: ItemId) -> Response:
-        return await self._media(item_id, "audio")
+    async def item_audio(self, request: Request, item_id: ItemId) -> Response:
+        return await self._media(request, item_id, "audio")
 
     @app.get("/stats", response_model=s.StatsResponse, responses=s.errors())
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self, request: Request) -> dict[str, Any]:
         """Batch sizes each encoder replica has run, and the gallery sizes (for benchmarks and tests)."""
         names = list(self.encoders)
 
         async def gather() -> list[Any]:
             return await asyncio.gather(*(self.encoders[m].stats.remote() for m in names))
 
-        stats = await call(gather, timeout_s=self.timeout_s, idempotent=True, what="stats request")
-        counts = await call(lambda: self.retriever.counts.remote(), timeout_s=self.timeout_s, idempotent=True)
+        stats = await self._call(request, gather, "stats request")
+        counts = await self._call(request, lambda: self.retriever.counts.remote(), "stats request")
         return {"encoders": dict(zip(names, stats, strict=True)), "index": counts}
 
     @app.post("/stats/reset", response_model=s.StatusResponse, responses=s.errors(403))
-    async def reset_stats(self) -> dict[str, str]:
+    async def reset_stats(self, request: Request) -> dict[str, str]:
         """Zero the encoders' batch counters."""
 
         async def reset() -> list[Any]:
             return await asyncio.gather(*(handle.reset_stats.remote() for handle in self.encoders.values()))
 
-        await call(reset, timeout_s=self.timeout_s, idempotent=True, what="stats reset")
+        await self._call(request, reset, "stats reset")
         return {"status": "ok"}

@@ -139,6 +139,8 @@ class Guard:
             if state["over"]:
                 return  # the app's answer to a body cut short is replaced by the 413 below
             state["started"] = True
+            if message["type"] == "http.response.start" and scope.get("state", {}).get("retried"):
+                message = {**message, "headers": [*message.get("headers", []), (b"x-cman-retried", b"1")]}
             await send(message)
 
         try:

@@ -110,6 +110,7 @@ def test_replicas_killed_under_load_are_replaced_and_requests_succeed(served_app
     assert set(killed) == set(KILLS.values())
     assert ok / len(statuses) >= 0.99, sorted(set(statuses))
     assert not unretried_5xx, unretried_5xx
+    assert retried >= 1, "killing the Retriever under load interrupted no request: the retry path went untested"
     assert {kind for _, _, kind in outcomes} == {0, 1, 2}
     assert all(replaced[d] != killed[d] for d in killed)
     assert after == before
