@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -12,19 +13,25 @@ from conftest import SERVE_APP
 from PIL import Image
 
 
-def deploy_ingress(served_app: dict, name: str, prefix: str, key: str | None = None, host: str = "127.0.0.1") -> str:
-    """A second ingress (its own app and route prefix) over the shared app's Retriever and encoders; its base URL."""
+@contextmanager
+def extra_ingress(
+    served_app: dict, name: str, key: str | None = None, host: str = "127.0.0.1", **settings
+) -> Iterator[str]:
+    """A second ingress (app `name` at `/name`) over the shared app's Retriever and encoders; yields its base URL."""
     from ray import serve
 
     from cman.modality import Modality
     from serve_app.app import build_ingress, resolve_serve_config
     from serve_app.encoders import DEPLOYMENT_NAMES
 
-    cfg = resolve_serve_config(served_app["args"])
+    cfg = resolve_serve_config(served_app["args"]).model_copy(update=settings)
     retriever = serve.get_deployment_handle("Retriever", SERVE_APP)
     encoders = {m.value: serve.get_deployment_handle(DEPLOYMENT_NAMES[m], SERVE_APP) for m in Modality}
-    serve.run(build_ingress(cfg, key, host, retriever, encoders), name=name, route_prefix=prefix)
-    return served_app["url"] + prefix
+    serve.run(build_ingress(cfg, key, host, retriever, encoders), name=name, route_prefix=f"/{name}")
+    try:
+        yield f"{served_app['url']}/{name}"
+    finally:
+        serve.delete(name)
 
 
 def wav(seconds: float, rate: int = 16000) -> bytes:

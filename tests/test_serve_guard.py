@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import SERVE_OVERRIDES, SERVE_UPLOAD_MB
-from serve_util import chunked, deploy_ingress, multipart, png, wav
+from serve_util import chunked, extra_ingress, multipart, png, wav
 
 pytestmark = pytest.mark.ray
 
@@ -40,9 +40,8 @@ def _error(response: httpx.Response) -> str:
 
 # ---- access key ----------------------------------------------------------------------------------------------------
 def test_api_key_required_everywhere_but_healthz_and_the_page(served_app: dict) -> None:
-    url = deploy_ingress(served_app, "cman_keyed", "/keyed", key=KEY)
     good = {"Authorization": f"Bearer {KEY}"}
-    with httpx.Client(base_url=url, timeout=120) as c:
+    with extra_ingress(served_app, "keyed", key=KEY) as url, httpx.Client(base_url=url, timeout=120) as c:
         assert c.get("/healthz").json() == {"status": "ok"}
         page = c.get("/")
         assert page.status_code == 200 and 'id="apikey"' in page.text
@@ -62,12 +61,17 @@ def test_api_key_required_everywhere_but_healthz_and_the_page(served_app: dict) 
 
 
 def test_state_changes_refused_without_key_on_a_non_loopback_bind(served_app: dict) -> None:
-    url = deploy_ingress(served_app, "cman_public", "/public", key=None, host="0.0.0.0")
-    with httpx.Client(base_url=url, timeout=120) as c:
+    with extra_ingress(served_app, "public", host="0.0.0.0") as url, httpx.Client(base_url=url, timeout=120) as c:
         for path, data in (("/items", {"id": "public_item", "text": "x"}), ("/stats/reset", {})):
             r = c.post(path, data=data)
             assert r.status_code == 403 and "without an API key" in _error(r), r.text
         assert c.post("/search", data={"target": "image", "text": CAPTION}).status_code == 200
+
+
+def test_request_timeout_answers_504(served_app: dict) -> None:
+    with extra_ingress(served_app, "hasty", request_timeout_s=0.001) as url:
+        r = httpx.post(url + "/search", data={"target": "image", "text": CAPTION}, timeout=60)
+    assert r.status_code == 504 and "request_timeout_s" in _error(r) and r.headers["retry-after"] == "1"
 
 
 @pytest.mark.parametrize(
