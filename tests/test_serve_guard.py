@@ -56,6 +56,7 @@ def test_api_key_required_everywhere_but_healthz_and_the_page(served_app: dict) 
         added = c.post("/items", headers=good, data={"id": "keyed_item", "text": "added with the key"})
         assert added.status_code == 200, added.text
     logs = Path("/tmp/ray/session_latest/logs")
+    assert logs.is_dir(), logs
     leaked = [p for p in logs.rglob("*") if p.is_file() and p.stat().st_size < 50e6 and KEY.encode() in p.read_bytes()]
     assert not leaked, f"the API key appears in {leaked}"
 
