@@ -205,10 +205,22 @@ class TuneConfig(_Section):
 class ServeConfig(_Section):
     max_batch_size: int = Field(default=16, ge=1)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
-    max_upload_mb: float = Field(default=10.0, gt=0)
+    max_upload_mb: float = Field(default=10.0, gt=0, description="per uploaded file; the body may hold 3 + 1 MiB")
     num_cpus_per_replica: float = Field(default=0.25, gt=0)
     num_gpus_per_replica: float = Field(default=0.0, ge=0)
     index_kind: Literal["flat", "ivf", "hnsw"] = "flat"
+    api_key: str | None = Field(
+        default=None,
+        exclude=True,  # a secret: never written into a checkpoint's config.yaml; CMAN_API_KEY takes precedence
+        description="require `Authorization: Bearer <key>` on every route but /healthz and the demo page",
+    )
+    max_text_chars: int = Field(default=2000, ge=1, description="after Unicode normalisation; longer → 413")
+    max_audio_seconds: float = Field(default=60.0, gt=0, description="longer audio (from its header) → 413")
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="width x height; larger → 413")
+    max_form_fields: int = Field(default=8, ge=4, description="form fields + files per request; more → 413")
+    request_timeout_s: float = Field(default=60.0, gt=0, description="a request still running after this → 504")
+    max_queued_requests: int = Field(default=64, ge=1, description="per deployment; more waiting → 503")
+    health_check_period_s: float = Field(default=10.0, gt=0, description="Serve calls check_health this often")
 
 
 class MlflowConfig(_Section):

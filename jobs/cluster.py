@@ -16,7 +16,14 @@ from typing import Any
 logger = logging.getLogger(__name__)
 _dashboard: dict[str, str] = {}  # the URL of the dashboard of the Ray this process started
 
-WORKER_ENV_VARS = ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "MLFLOW_TRACKING_URI")
+WORKER_ENV_VARS = (
+    "HF_HUB_OFFLINE",
+    "HF_HOME",
+    "HF_ENDPOINT",
+    "TRANSFORMERS_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+    "MLFLOW_TRACKING_URI",
+)
 VERBOSE_ENV = "CMAN_VERBOSE"  # set by `cman -v`: Ray's and the workers' own logs and progress bars come back
 QUIET_WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # transformers' "Writing model shards" bars per checkpoint
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in a `ray job submit` entrypoint (its runtime env)

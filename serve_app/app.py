@@ -4,7 +4,6 @@ Used by `serve run serve_app.app:build_app checkpoint=... index_dir=...`, by `se
 (`serve deploy`), by `cman serve` and by the tests. Nothing is read at import time.
 """
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,11 @@ class ServeArgs(BaseModel):
         description="YAML config whose `serve:` section is used; default: the checkpoint's own config.yaml",
     )
     serve: dict[str, Any] = Field(default_factory=dict, description="overrides of `serve:` keys, e.g. max_batch_size")
+    host: str = Field(
+        default="127.0.0.1",
+        description="the address Serve's HTTP proxy binds (http_options.host): without an API key, a non-loopback "
+        "bind refuses state-changing routes",
+    )
 
 
 def resolve_serve_config(args: ServeArgs) -> ServeConfig:
@@ -40,7 +44,8 @@ def resolve_serve_config(args: ServeArgs) -> ServeConfig:
             "--checkpoint pointing at checkpoints/best"
         )
     source = Path(args.config) if args.config else checkpoint / "config.yaml"
-    base = load_config(source).serve.model_dump()
+    loaded = load_config(source).serve
+    base = {**loaded.model_dump(), "api_key": loaded.api_key}  # api_key is excluded from dumps (a secret)
     return ServeConfig.model_validate({**base, **args.serve})
 
 
@@ -53,39 +58,45 @@ def checkpoint_modalities(checkpoint: Path) -> list[str]:
 def build_app(args: ServeArgs) -> Application:
     """Compose the deployments for `args` (Serve validates the dict of `serve run`/config.yaml into ServeArgs)."""
     from serve_app.encoders import DEPLOYMENT_NAMES, EncoderDeployment
-    from serve_app.ingress import Ingress
     from serve_app.retriever import RetrieverDeployment
+    from serve_app.security import resolve_api_key
 
     if not isinstance(args, ServeArgs):
         args = ServeArgs.model_validate(args)
     checkpoint = Path(args.checkpoint).expanduser().resolve()
     index_dir = Path(args.index_dir).expanduser().resolve()
     cfg = resolve_serve_config(args.model_copy(update={"checkpoint": str(checkpoint)}))
+    key = resolve_api_key(cfg.api_key)
+    cfg = cfg.model_copy(update={"api_key": None})  # replicas get limits, never the key
     actor = {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica}
+    common = {
+        "ray_actor_options": actor,
+        "max_queued_requests": cfg.max_queued_requests,
+        "health_check_period_s": cfg.health_check_period_s,
+    }
     # Batching only helps if a replica may hold a full batch (plus the next one filling up) at once.
     ongoing = max(2 * cfg.max_batch_size, 8)
     encoders = {}
     for name in checkpoint_modalities(checkpoint):
         deployment = EncoderDeployment.options(
-            name=DEPLOYMENT_NAMES[Modality(name)], ray_actor_options=actor, max_ongoing_requests=ongoing
+            name=DEPLOYMENT_NAMES[Modality(name)], max_ongoing_requests=ongoing, **common
         )
-        encoders[name] = deployment.bind(
-            str(checkpoint),
-            name,
-            cfg.max_batch_size,
-            cfg.batch_wait_timeout_s,
-            cfg.num_cpus_per_replica,
-            cfg.num_gpus_per_replica,
-        )
-    retriever = RetrieverDeployment.options(ray_actor_options=actor, max_ongoing_requests=256, num_replicas=1).bind(
+        encoders[name] = deployment.bind(str(checkpoint), name, cfg)
+    retriever = RetrieverDeployment.options(max_ongoing_requests=256, num_replicas=1, **common).bind(
         encoders, str(checkpoint), str(index_dir), cfg.index_kind, cfg.num_cpus_per_replica, cfg.num_gpus_per_replica
     )
+    return build_ingress(cfg, key, args.host, retriever, encoders)
+
+
+def build_ingress(
+    cfg: ServeConfig, key: str | None, host: str, retriever: Any, encoders: dict[str, Any]
+) -> Application:
+    """The FastAPI ingress over `retriever` + `encoders` (bound deployments, or handles of a running application)."""
+    from serve_app.ingress import Ingress
+    from serve_app.security import key_digest
+
+    settings = {**cfg.model_dump(), "api_key_sha256": key_digest(key), "bind_host": host}
     ingress_cpus = min(cfg.num_cpus_per_replica, 1.0)
     return Ingress.options(ray_actor_options={"num_cpus": ingress_cpus}, max_ongoing_requests=256).bind(
-        retriever, encoders, cfg.model_dump()
+        retriever, encoders, settings
     )
-
-
-def total_cpus(cfg: ServeConfig, modalities: int = 3) -> float:
-    """CPUs the application reserves: the encoders, the retriever and the ingress."""
-    return math.fsum([cfg.num_cpus_per_replica] * (modalities + 2))

@@ -1,13 +1,15 @@
-"""Encoder deployments: one per modality, each holding only its own encoder and processor from a checkpoint.
+"""Encoder deployments: one per modality, each loading only its own encoder and processor from a checkpoint.
 
-A request payload (caption text, or raw audio / image bytes) is decoded and preprocessed inside the replica, batched
-with concurrent requests by `@serve.batch`, and returned as fusion-width tokens + mask (numpy) for the Retriever.
+A request payload (caption text, or raw audio / image bytes) is decoded and preprocessed inside the replica with
+the serving limits (bounded memory), batched with concurrent requests by `@serve.batch`, and returned as
+fusion-width tokens + mask (numpy) for the Retriever. A bad item is an error value, so it fails only its request.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import Counter
 from typing import Any
 
@@ -15,7 +17,8 @@ import numpy as np
 import torch
 from ray import serve
 
-from cman.data.errors import DataError
+from cman.config import ServeConfig
+from cman.data.errors import DataError, LimitError
 from cman.modality import Modality
 
 logger = logging.getLogger(__name__)
@@ -33,45 +36,83 @@ def limit_threads(num_cpus: float) -> None:
     torch.set_num_threads(max(1, math.floor(num_cpus)))
 
 
+def min_audio_samples(backbone: torch.nn.Module) -> int | None:
+    """The shortest waveform a wav2vec2/HuBERT conv stack accepts (None for spectrogram encoders)."""
+    from cman.data.audio import min_input_samples
+
+    config = getattr(backbone, "config", None)
+    kernel, stride = getattr(config, "conv_kernel", None), getattr(config, "conv_stride", None)
+    return min_input_samples(kernel, stride) if kernel and stride else None
+
+
+def _health_input(modality: Modality, sampling_rate: int) -> Any:
+    if modality == Modality.TEXT:
+        return "health check"
+    if modality == Modality.AUDIO:
+        t = np.arange(sampling_rate) / sampling_rate  # one second
+        return (0.1 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)  # (samples,)
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32), (128, 128, 128))
+
+
 class ModalityEncoderServer:
-    """Holds `model.encoders[m]` + `model.processors[m]` (LoRA merged); everything else of the model is dropped."""
+    """Holds `model.encoders[m]` + `model.processors[m]` (LoRA merged) and nothing else of the model."""
 
-    def __init__(
-        self,
-        checkpoint: str,
-        modality: str,
-        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
-        num_cpus: float = 1.0,
-        num_gpus: float = 0.0,
-    ) -> None:
-        from cman.models.cman import CMAN
+    def __init__(self, checkpoint: str, modality: str, settings: ServeConfig | None = None) -> None:
+        from cman.models.cman import CMAN, count_parameters
 
-        limit_threads(num_cpus)
+        self.settings = settings or ServeConfig()
+        limit_threads(self.settings.num_cpus_per_replica)
         self.modality = Modality(modality)
-        model = CMAN.from_pretrained(checkpoint).merge_adapters()
-        if self.modality not in model.modalities:
-            raise ValueError(f"checkpoint {checkpoint} has no {self.modality.value} encoder")
-        self.device = inference_device(num_gpus)
+        model = CMAN.from_pretrained(checkpoint, modalities=[self.modality]).merge_adapters()
+        self.device = inference_device(self.settings.num_gpus_per_replica)
         self.encoder = model.encoders[self.modality.value].to(self.device).eval()
         self.processor = model.processors[self.modality]
         del model
-        self.encode.set_max_batch_size(max_batch_size)
-        self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.parameters = count_parameters(self.encoder)[1]
+        self.min_samples = min_audio_samples(self.encoder.backbone) if self.modality == Modality.AUDIO else None
+        self.encode.set_max_batch_size(self.settings.max_batch_size)
+        self.encode.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self.batch_sizes: Counter[int] = Counter()
-        logger.info("%s encoder ready on %s (max_batch_size=%d)", self.modality.value, self.device, max_batch_size)
+        logger.info("%s encoder ready on %s (%d parameters)", self.modality.value, self.device, self.parameters)
 
-    def _features(self, payload: Any) -> dict[str, torch.Tensor] | dict[str, Any]:
+    def _load(self, payload: Any) -> Any:
+        """Decode one payload with the serving limits (bounded memory; LimitError past a limit)."""
+        s = self.settings
+        if self.modality == Modality.TEXT:
+            from cman.data.text import clean_caption
+
+            return clean_caption(payload, max_chars=s.max_text_chars)
+        if self.modality == Modality.AUDIO:
+            from cman.data.audio import decode_audio
+
+            if isinstance(payload, np.ndarray):
+                return payload
+            proc = self.processor
+            return decode_audio(
+                payload,
+                proc.sampling_rate,
+                max_seconds=proc.max_seconds,
+                max_duration_s=s.max_audio_seconds,
+                min_samples=self.min_samples,
+            )
+        from cman.data.image import decode_image
+
+        return payload if not isinstance(payload, bytes | str) else decode_image(payload, max_pixels=s.max_image_pixels)
+
+    def _features(self, payload: Any) -> dict[str, Any]:
+        bad_media = 415 if self.modality != Modality.TEXT else 400
         try:
-            return self.processor.features(self.processor.load(payload))
+            return self.processor.features(self._load(payload))
+        except LimitError as err:
+            return {"error": str(err), "status": 413}
         except DataError as err:
-            return {"error": str(err), "status": 415 if self.modality != Modality.TEXT else 400}
+            return {"error": str(err), "status": bad_media}
         except Exception as err:  # noqa: BLE001 - odd media must fail this request only, not the batch
             logger.warning("%s input could not be preprocessed: %r", self.modality.value, err)
-            return {
-                "error": f"{self.modality.value} input could not be preprocessed ({type(err).__name__}: {err})",
-                "status": 415 if self.modality != Modality.TEXT else 400,
-            }
+            message = f"{self.modality.value} input could not be preprocessed ({type(err).__name__})"
+            return {"error": message, "status": bad_media}
 
     @torch.no_grad()
     def _run(self, features: list[dict[str, torch.Tensor]]) -> list[dict[str, np.ndarray]]:
@@ -95,6 +136,20 @@ class ModalityEncoderServer:
             for i, row in zip(good, self._run([features[i] for i in good]), strict=True):
                 results[i] = row
         return results
+
+    def check_health(self) -> None:
+        """Serve calls this periodically: a tiny forward through the encoder must produce finite tokens."""
+        sampling_rate = getattr(self.processor, "sampling_rate", 16000)
+        features = self._features(_health_input(self.modality, sampling_rate))
+        if "error" in features:
+            raise RuntimeError(f"{self.modality.value} encoder cannot preprocess its health input: {features['error']}")
+        tokens = self._run([features])[0]["tokens"]
+        if not np.isfinite(tokens).all():
+            raise RuntimeError(f"{self.modality.value} encoder produced non-finite tokens")
+
+    def info(self) -> dict[str, Any]:
+        """This replica: process id, modality and the parameter count it holds (for tests and operators)."""
+        return {"pid": os.getpid(), "modality": self.modality.value, "parameters": self.parameters}
 
     def stats(self) -> dict[str, Any]:
         sizes = dict(sorted(self.batch_sizes.items()))

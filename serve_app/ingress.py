@@ -1,48 +1,54 @@
 """FastAPI ingress: the HTTP contract (see ARCHITECTURE.md) on top of the Retriever and encoder deployments.
 
-Every error is JSON `{"error": "..."}`: 400 bad field, 404 unknown item, 413 too large, 415 undecodable media or wrong
-content type, 422 validation. Bad input never reaches a replica as an exception it could die of.
+Every error is JSON `{"error": "..."}` (`ErrorResponse`): 400 bad field, 401 no/wrong API key, 403 refused state
+change, 404 unknown item, 413 over a limit, 415 undecodable media or wrong content type, 422 validation, 503 busy or
+a replica restarting, 504 timeout. Bad input never reaches a replica as an exception it could die of.
 """
 
 import asyncio
 import logging
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, Path, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.errors import RequestError, raise_if_error
+from serve_app import schemas as s
+from serve_app.calls import ServiceUnavailable, call
+from serve_app.errors import RequestError
+from serve_app.security import Guard, GuardSettings
+from serve_app.uploads import Limits, payloads
 
 logger = logging.getLogger(__name__)
-
-MAX_TEXT_CHARS = 2000
-TARGETS = ("text", "audio", "image")
-FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-ACCEPTED_TYPES = {
-    "image": ("image/",),
-    "audio": ("audio/", "video/webm", "video/ogg", "application/ogg"),
-}
-ANY_BINARY = ("application/octet-stream", "")
 
 app = FastAPI(
     title="CMAN cross-modal retrieval",
     description="Search a gallery of images, spoken audio and captions with any combination of text, audio and "
-    'image (composed queries). Errors are JSON {"error": ...}.',
-    version="0.1.0",
+    'image (composed queries). Errors are JSON {"error": ...}. When an API key is configured, send '
+    "`Authorization: Bearer <key>` on every route but /healthz.",
+    version="0.2.0",
 )
+app.add_middleware(Guard)
+FIELD_HINTS = {
+    "k": f"k must be between 1 and {s.MAX_K}",
+    "target": "target must be one of text, audio, image",
+    "id": f"bad id: use {s.ITEM_ID_RULE}",
+    "item_id": f"bad item id: use {s.ITEM_ID_RULE}",
+}
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 @app.exception_handler(RequestError)
 async def _request_error(_: Request, err: RequestError) -> JSONResponse:
+    if isinstance(err, ServiceUnavailable):
+        return _error(err.status, err.message, {"Retry-After": str(max(1, round(err.retry_after_s)))})
     return _error(err.status, err.message)
 
 
@@ -50,8 +56,11 @@ async def _request_error(_: Request, err: RequestError) -> JSONResponse:
 async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-        parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+        field = str(next((p for p in reversed(e.get("loc", ())) if isinstance(p, str)), ""))
+        given = e.get("input")
+        hint = FIELD_HINTS.get(field)
+        shown = repr(given)[:80] if isinstance(given, str | int | float) else "missing"
+        parts.append(f"{hint}; got {shown}" if hint else f"{field}: {e.get('msg', 'invalid')}")
     return _error(422, "invalid request: " + "; ".join(parts))
 
 
@@ -62,49 +71,23 @@ async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
 
 @app.exception_handler(Exception)
 async def _unexpected(_: Request, err: Exception) -> JSONResponse:
-    cause = _request_error_cause(err)
-    if cause is not None:
-        return _error(cause.status, cause.message)
     logger.exception("unexpected error")
     return _error(500, f"internal error ({type(err).__name__}); the request was not processed, please retry")
 
 
-def _request_error_cause(err: BaseException) -> RequestError | None:
-    """A RequestError raised in another replica may arrive wrapped (RayTaskError); find it."""
-    seen = 0
-    while err is not None and seen < 5:
-        if isinstance(err, RequestError):
-            return err
-        err = getattr(err, "cause", None) or err.__cause__
-        seen += 1
-    return None
-
-
-@app.middleware("http")
-async def _limit_body(request: Request, call_next: Any) -> Response:
-    """Refuse bodies that cannot fit three uploads before they are parsed (413 instead of reading them)."""
-    limit = getattr(request.app.state, "max_body_bytes", None)
-    length = request.headers.get("content-length")
-    if limit and length and length.isdigit() and int(length) > limit:
-        return _error(413, f"request body of {int(length):,} bytes is over the {limit:,}-byte limit")
-    return await call_next(request)
-
-
-def _check_form(request: Request) -> None:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype not in FORM_TYPES:
+async def _count_fields(request: Request, max_fields: int) -> None:
+    form = await request.form()  # already parsed (and cached) by FastAPI for the route's parameters
+    if len(form.multi_items()) > max_fields:
         raise RequestError(
-            415, f"content type {ctype or 'none'!r} is not supported: send multipart/form-data (curl -F field=value)"
+            413, f"{len(form.multi_items())} form fields, over the {max_fields} limit (max_form_fields); send fewer"
         )
 
 
-def _checked(result: Any) -> Any:
-    raise_if_error(result)
-    return result
-
-
-def _example(name: str) -> str:
-    return "image/png, image/jpeg" if name == "image" else "audio/wav"
+ItemId = Annotated[str, Path(pattern=s.ITEM_ID_PATTERN, max_length=128, description=s.ITEM_ID_RULE)]
+TextField = Annotated[str | None, Form(description="query text (Unicode-normalised; control characters removed)")]
+AudioField = Annotated[UploadFile | None, File(description="audio (WAV/FLAC/OGG)")]
+ImageField = Annotated[UploadFile | None, File(description="image (PNG/JPEG/...)")]
+QUERY_ERRORS = s.errors(400, 413, 415, 422)
 
 
 # Everything the class uses must be defined above it: Serve pickles the class when the decorator runs.
@@ -113,124 +96,117 @@ def _example(name: str) -> str:
 class Ingress:
     """HTTP front end; holds handles to the Retriever and the encoder deployments."""
 
-    def __init__(self, retriever: DeploymentHandle, encoders: dict[str, DeploymentHandle], serve_cfg: dict) -> None:
+    def __init__(
+        self, retriever: DeploymentHandle, encoders: dict[str, DeploymentHandle], settings: dict[str, Any]
+    ) -> None:
         self.retriever = retriever
         self.encoders = encoders
-        self.max_upload_bytes = int(float(serve_cfg.get("max_upload_mb", 10.0)) * 1024 * 1024)
-        app.state.max_body_bytes = 3 * self.max_upload_bytes + 1024 * 1024
+        self.limits = Limits.from_settings(settings)
+        self.timeout_s = float(settings.get("request_timeout_s", 60.0))
+        app.state.guard = GuardSettings(
+            key_sha256=settings.get("api_key_sha256"),
+            bind_host=str(settings.get("bind_host", "127.0.0.1")),
+            max_body_bytes=3 * self.limits.max_upload_bytes + 1024 * 1024,
+        )
         self.page = resources.files("serve_app").joinpath("static/index.html").read_text(encoding="utf-8")
 
-    async def _payloads(self, text: str | None, audio: UploadFile | None, image: UploadFile | None) -> dict[str, Any]:
-        payloads: dict[str, Any] = {}
-        if text is not None and text.strip():
-            if len(text) > MAX_TEXT_CHARS:
-                raise RequestError(413, f"text is {len(text):,} characters; send at most {MAX_TEXT_CHARS:,}")
-            payloads["text"] = text
-        for name, upload in (("audio", audio), ("image", image)):
-            data = await self._read_upload(name, upload)
-            if data is not None:
-                payloads[name] = data
-        return payloads
+    async def _query(self, request: Request, text: Any, audio: Any, image: Any, *, empty_ok: bool = False) -> dict:
+        await _count_fields(request, self.limits.max_form_fields)
+        found = await payloads(self.limits, text, audio, image)
+        if not found and not empty_ok:
+            raise RequestError(400, "empty query: send at least one of text, audio (file), image (file)")
+        return found
 
-    async def _read_upload(self, name: str, upload: UploadFile | None) -> bytes | None:
-        if upload is None:
-            return None
-        if not upload.filename and not upload.size:
-            return None  # an empty file input of an HTML form
-        size = upload.size if upload.size is not None else None
-        if size is not None and size > self.max_upload_bytes:
-            raise RequestError(
-                413,
-                f"{name} upload is {size:,} bytes, over the {self.max_upload_bytes:,}-byte limit; send a smaller one",
-            )
-        ctype = (upload.content_type or "").split(";")[0].strip().lower()
-        if ctype not in ANY_BINARY and not ctype.startswith(ACCEPTED_TYPES[name]):
-            raise RequestError(415, f"{name} upload has content type {ctype!r}; send {name}/* (e.g. {_example(name)})")
-        data = await upload.read(self.max_upload_bytes + 1)
-        if len(data) > self.max_upload_bytes:
-            raise RequestError(413, f"{name} upload is over the {self.max_upload_bytes:,}-byte limit")
-        if not data:
-            raise RequestError(400, f"{name} upload {upload.filename!r} is empty; send a non-empty file")
-        return data
+    async def _call(self, request: Request, make: Any, what: str, idempotent: bool = True) -> Any:
+        state = request.scope.setdefault("state", {})
+        return await call(make, timeout_s=self.timeout_s, idempotent=idempotent, what=what, state=state)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index(self) -> HTMLResponse:
         return HTMLResponse(self.page)
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=s.StatusResponse, responses=s.errors())
     async def healthz(self) -> dict[str, str]:
+        """Liveness of the HTTP front end (Serve checks each deployment's own health)."""
         return {"status": "ok"}
 
-    @app.post("/search")
+    @app.post("/search", response_model=s.SearchResponse, response_model_exclude_none=True, responses=QUERY_ERRORS)
     async def search(
         self,
         request: Request,
-        text: str | None = Form(None, description="query text"),
-        audio: UploadFile | None = File(None, description="query audio (WAV/FLAC/OGG)"),
-        image: UploadFile | None = File(None, description="query image (PNG/JPEG/...)"),
-        target: str | None = Form(None, description="text | audio | image"),
-        k: int = Form(10, description="number of results, 1-100"),
+        target: Annotated[s.Target, Form(description="the gallery to search")],
+        text: TextField = None,
+        audio: AudioField = None,
+        image: ImageField = None,
+        k: Annotated[int, Form(ge=1, le=s.MAX_K, description=f"number of results, 1-{s.MAX_K}")] = 10,
     ) -> dict[str, Any]:
         """Search the `target` gallery with any combination of text, audio and image (a composed query)."""
-        _check_form(request)
-        if target is None or target not in TARGETS:
-            raise RequestError(400, f"target must be one of {', '.join(TARGETS)}; got {target!r}")
-        if not 1 <= k <= 100:
-            raise RequestError(400, f"k must be between 1 and 100; got {k}")
-        payloads = await self._payloads(text, audio, image)
-        if not payloads:
-            raise RequestError(400, "empty query: send at least one of text, audio (file), image (file)")
-        return _checked(await self.retriever.search.remote(payloads, target, k))
+        found = await self._query(request, text, audio, image)
+        target_name = s.Target(target).value
+        return await self._call(request, lambda: self.retriever.search.remote(found, target_name, k), "search")
 
-    @app.post("/embed")
+    @app.post("/embed", response_model=s.EmbedResponse, responses=QUERY_ERRORS)
     async def embed(
-        self,
-        request: Request,
-        text: str | None = Form(None),
-        audio: UploadFile | None = File(None),
-        image: UploadFile | None = File(None),
+        self, request: Request, text: TextField = None, audio: AudioField = None, image: ImageField = None
     ) -> dict[str, Any]:
         """The 512-d embedding of any combination of text, audio and image."""
-        _check_form(request)
-        payloads = await self._payloads(text, audio, image)
-        if not payloads:
-            raise RequestError(400, "empty query: send at least one of text, audio (file), image (file)")
-        return _checked(await self.retriever.embed.remote(payloads))
+        found = await self._query(request, text, audio, image)
+        return await self._call(request, lambda: self.retriever.embed.remote(found), "embedding")
 
-    @app.post("/items")
+    @app.post("/items", response_model=s.ItemResponse, responses=s.errors(400, 403, 413, 415, 422))
     async def add_item(
         self,
         request: Request,
-        id: str | None = Form(None, description="unique item id"),  # noqa: A002 - the contract's field name
-        text: str | None = Form(None),
-        audio: UploadFile | None = File(None),
-        image: UploadFile | None = File(None),
+        id: Annotated[str, Form(pattern=s.ITEM_ID_PATTERN, max_length=128, description=s.ITEM_ID_RULE)],  # noqa: A002
+        text: TextField = None,
+        audio: AudioField = None,
+        image: ImageField = None,
     ) -> dict[str, Any]:
         """Add an item (any of caption, audio, image) to the gallery; it is saved to disk at once."""
-        _check_form(request)
-        if id is None or not id.strip():
-            raise RequestError(400, "id is required: send a unique item id (form field `id`)")
-        payloads = await self._payloads(text, audio, image)
-        return _checked(await self.retriever.add_item.remote(id.strip(), payloads))
+        found = await self._query(request, text, audio, image, empty_ok=True)
+        if not found:
+            raise RequestError(400, "an item needs at least one of text, audio (file), image (file)")
+        make = lambda: self.retriever.add_item.remote(id, found)  # noqa: E731
+        return await self._call(request, make, "item addition", idempotent=False)
 
-    @app.get("/items/{item_id}/image")
-    async def item_image(self, item_id: str) -> Response:
-        data, media_type = _checked(await self.retriever.media.remote(item_id, "image"))
+    async def _media(self, request: Request, item_id: str, kind: str) -> Response:
+        data, media_type = await self._call(request, lambda: self.retriever.media.remote(item_id, kind), kind)
         return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
 
-    @app.get("/items/{item_id}/audio")
-    async def item_audio(self, item_id: str) -> Response:
-        data, media_type = _checked(await self.retriever.media.remote(item_id, "audio"))
-        return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
+    @app.get(
+        "/items/{item_id}/image",
+        response_class=Response,
+        responses={200: {"content": s.MEDIA_CONTENT["image"], "description": "the item's image"}, **s.errors(404, 422)},
+    )
+    async def item_image(self, request: Request, item_id: ItemId) -> Response:
+        return await self._media(request, item_id, "image")
 
-    @app.get("/stats")
-    async def stats(self) -> dict[str, Any]:
+    @app.get(
+        "/items/{item_id}/audio",
+        response_class=Response,
+        responses={200: {"content": s.MEDIA_CONTENT["audio"], "description": "the item's audio"}, **s.errors(404, 422)},
+    )
+    async def item_audio(self, request: Request, item_id: ItemId) -> Response:
+        return await self._media(request, item_id, "audio")
+
+    @app.get("/stats", response_model=s.StatsResponse, responses=s.errors())
+    async def stats(self, request: Request) -> dict[str, Any]:
         """Batch sizes each encoder replica has run, and the gallery sizes (for benchmarks and tests)."""
         names = list(self.encoders)
-        stats = await asyncio.gather(*(self.encoders[m].stats.remote() for m in names))
-        return {"encoders": dict(zip(names, stats, strict=True)), "index": await self.retriever.counts.remote()}
 
-    @app.post("/stats/reset", include_in_schema=False)
-    async def reset_stats(self) -> dict[str, str]:
-        await asyncio.gather(*(handle.reset_stats.remote() for handle in self.encoders.values()))
+        async def gather() -> list[Any]:
+            return await asyncio.gather(*(self.encoders[m].stats.remote() for m in names))
+
+        stats = await self._call(request, gather, "stats request")
+        counts = await self._call(request, lambda: self.retriever.counts.remote(), "stats request")
+        return {"encoders": dict(zip(names, stats, strict=True)), "index": counts}
+
+    @app.post("/stats/reset", response_model=s.StatusResponse, responses=s.errors(403))
+    async def reset_stats(self, request: Request) -> dict[str, str]:
+        """Zero the encoders' batch counters."""
+
+        async def reset() -> list[Any]:
+            return await asyncio.gather(*(handle.reset_stats.remote() for handle in self.encoders.values()))
+
+        await self._call(request, reset, "stats reset")
         return {"status": "ok"}

@@ -58,9 +58,11 @@ def start_app(checkpoint: str | Path, index: str | Path, config: str | Path | No
     from jobs import cluster
     from serve_app.app import ServeArgs, build_app
 
-    cluster.connect(os.environ.get("RAY_ADDRESS"))
+    cluster.connect(os.environ.get("RAY_ADDRESS"))  # hub access left as configured: HF_* passed on only if set
     serve.start(http_options={"host": host, "port": port})
-    args = ServeArgs(checkpoint=str(checkpoint), index_dir=str(index), config=str(config) if config else None)
+    args = ServeArgs(
+        checkpoint=str(checkpoint), index_dir=str(index), config=str(config) if config else None, host=host
+    )
     start = time.perf_counter()
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     logger.info("application %r running (serve.run took %.1f s)", APP_NAME, time.perf_counter() - start)

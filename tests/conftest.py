@@ -59,7 +59,16 @@ def trained_checkpoint(demo_root: Path, tmp_path_factory: pytest.TempPathFactory
 
 SERVE_APP = "cman"
 SERVE_UPLOAD_MB = 0.5
-SERVE_OVERRIDES = {"max_upload_mb": SERVE_UPLOAD_MB, "max_batch_size": 8, "batch_wait_timeout_s": 0.05}
+SERVE_OVERRIDES = {
+    "max_upload_mb": SERVE_UPLOAD_MB,
+    "max_batch_size": 8,
+    "batch_wait_timeout_s": 0.05,
+    # small limits so that tests can send inputs at and just past each one cheaply
+    "max_text_chars": 200,
+    "max_audio_seconds": 8.0,
+    "max_image_pixels": 200 * 200,
+    "health_check_period_s": 2.0,
+}
 
 
 def run_serve_app(args) -> float:

@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath, PureWindowsPath
 from typing import Any
 
 import torch
@@ -82,9 +82,24 @@ def _parse_entry(entry: Any, index: int, root: Path, split: str, path: Path) -> 
         id=item_id,
         group=str(group) if group is not None else f"id:{item_id}",
         caption=caption,
-        audio_path=root / "audio" / split / audio if audio else None,
-        image_path=root / "images" / split / image if image else None,
+        audio_path=_confined(root / "audio" / split, audio, "audio_filename", item_id, path) if audio else None,
+        image_path=_confined(root / "images" / split, image, "image_filename", item_id, path) if image else None,
     )
+
+
+def _confined(folder: Path, name: Any, field: str, item_id: str, path: Path) -> Path:
+    """`folder / name`, refusing names that leave `folder` (absolute paths, `..`, backslashes)."""
+    where = f"metadata file {path}: item {item_id}: {field} {name!r}"
+    if not isinstance(name, str):
+        raise DataError(f"{where} must be a string (a path relative to {folder})", item_id=item_id, path=str(path))
+    relative = PurePath(name)
+    if relative.is_absolute() or PureWindowsPath(name).is_absolute() or ".." in relative.parts or "\\" in name:
+        raise DataError(
+            f"{where} must be a path inside {folder} (no absolute path, no '..'); move the file there",
+            item_id=item_id,
+            path=str(path),
+        )
+    return folder / relative
 
 
 class CMANDataset(Dataset):

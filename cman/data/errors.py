@@ -10,3 +10,7 @@ class DataError(ValueError):
         super().__init__(message)
         self.item_id = item_id
         self.path = path
+
+
+class LimitError(DataError):
+    """An input over a configured size limit (duration, pixels, characters): a client sends something smaller."""

@@ -1,4 +1,4 @@
-"""Image decoding: PIL, EXIF orientation applied, RGB, decompression bombs refused."""
+"""Image decoding: PIL, EXIF orientation applied, RGB, decompression bombs refused (LimitError) from the header."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from cman.data.errors import DataError
+from cman.data.errors import DataError, LimitError
 
 MAX_PIXELS = 40_000_000  # a 40 MP photo is the largest we accept
 
@@ -30,8 +30,9 @@ def decode_image(
             with Image.open(handle) as img:
                 width, height = img.size
                 if width * height > max_pixels:
-                    raise DataError(
-                        f"{where} is {width}x{height} pixels, over the {max_pixels:,} limit (decompression bomb?)",
+                    raise LimitError(
+                        f"{where} is {width}x{height} pixels, over the {max_pixels:,}-pixel limit (max_image_pixels); "
+                        "send a smaller image",
                         item_id=item_id,
                         path=str(path) if path else None,
                     )
@@ -41,7 +42,7 @@ def decode_image(
     except DataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(f"{where} is too large: {err}", item_id=item_id, path=str(path) if path else None) from None
+        raise LimitError(f"{where} is too large: {err}", item_id=item_id, path=str(path) if path else None) from None
     except Exception as err:
         raise DataError(
             f"{where} could not be decoded ({err}); send a PNG, JPEG or other PIL-readable image",

@@ -2,22 +2,41 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from cman.data.errors import DataError
+from cman.data.errors import DataError, LimitError
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+_DROPPED = {"Cc", "Cf", "Cs", "Co", "Cn"}  # control, format (zero-width, bidi), surrogate, private use, unassigned
 
 
-def clean_caption(text: object, *, item_id: str | None = None) -> str:
-    if not isinstance(text, str) or not text.strip():
-        where = f" (item {item_id})" if item_id is not None else ""
-        raise DataError(f"caption{where} is empty; send some text", item_id=item_id)
-    return " ".join(text.split())
+def normalize_text(text: str) -> str:
+    """NFKC-normalised text with control/format/unassigned/surrogate characters dropped and whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text)
+    kept = (" " if ch.isspace() else ch for ch in text if ch.isspace() or unicodedata.category(ch) not in _DROPPED)
+    return " ".join("".join(kept).split())
+
+
+def clean_caption(text: object, *, item_id: str | None = None, max_chars: int | None = None) -> str:
+    """`normalize_text(text)`; empty (e.g. only NUL or control characters) → DataError, too long → LimitError."""
+    where = f" (item {item_id})" if item_id is not None else ""
+    cleaned = normalize_text(text) if isinstance(text, str) else ""
+    if not cleaned:
+        raise DataError(
+            f"caption{where} is empty after removing control characters and whitespace; send some text",
+            item_id=item_id,
+        )
+    if max_chars is not None and len(cleaned) > max_chars:
+        raise LimitError(
+            f"text{where} is {len(cleaned):,} characters, over the {max_chars:,}-character limit (max_text_chars)",
+            item_id=item_id,
+        )
+    return cleaned
 
 
 def train_tokenizer(captions: Iterable[str], vocab_size: int = 1000) -> PreTrainedTokenizerFast:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -85,16 +86,19 @@ class CMAN(nn.Module):
         directory: str | Path,
         metadata: dict[str, Any] | None = None,
         extra_files: Callable[[Path], None] | None = None,
+        include_bases: bool = False,
     ) -> Path:
         """Write config.yaml, metadata.json, adapters/weights (safetensors) and processors; atomic per directory.
 
         `extra_files(tmp_dir)` may add files (e.g. optimiser state) before the directory is swapped in.
+        `include_bases=True` also stores frozen pretrained bases, so the checkpoint loads without the hub or its cache
+        (a self-contained deployment); by default a frozen hub base is referenced by id + fingerprint only.
         """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
-            self._write(tmp, metadata or {})
+            self._write(tmp, metadata or {}, include_bases)
             if extra_files is not None:
                 extra_files(tmp)
             if directory.exists():
@@ -109,13 +113,13 @@ class CMAN(nn.Module):
             shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
-    def _write(self, out: Path, metadata: dict[str, Any]) -> None:
+    def _write(self, out: Path, metadata: dict[str, Any], include_bases: bool = False) -> None:
         self.config.save(out / "config.yaml")
         bases = {}
         for name, enc in self.encoders.items():
             mod_dir = out / "encoders" / name
             ecfg = self.config.model.encoder(Modality(name))
-            saves_base = ecfg.init is not None or not ecfg.freeze_base
+            saves_base = ecfg.init is not None or not ecfg.freeze_base or include_bases
             if isinstance(enc.backbone, PeftModel):
                 enc.backbone.save_pretrained(mod_dir / "adapter")
             if saves_base or not isinstance(enc.backbone, PeftModel):
@@ -168,7 +172,7 @@ class CMAN(nn.Module):
             mod_dir = directory / "encoders" / name
             ecfg = config.model.encoder(modality)
             base_dir = mod_dir / "base"
-            backbone = load_backbone(ecfg, source=str(base_dir) if base_meta["saved_base"] else None)
+            backbone = _load_base(name, ecfg, base_dir if base_meta["saved_base"] else None, directory)
             _check_fingerprint(name, base_meta, backbone.config, directory)
             if (mod_dir / "adapter").is_dir():
                 backbone = PeftModel.from_pretrained(backbone, mod_dir / "adapter", is_trainable=trainable)
@@ -205,6 +209,34 @@ def _save_base(backbone: nn.Module, directory: Path) -> None:
     base = _base_model(backbone)
     state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
     base.save_pretrained(directory, state_dict=state)
+
+
+class MissingBaseError(FileNotFoundError):
+    """A checkpoint's pretrained base model is neither stored in it, nor cached locally, nor reachable."""
+
+
+def _load_base(name: str, ecfg: Any, saved: Path | None, directory: Path) -> nn.Module:
+    """The encoder's base: from the checkpoint when stored there, else `ecfg.pretrained` (HF cache or hub)."""
+
+    try:
+        return load_backbone(ecfg, source=str(saved) if saved is not None else None)
+    except OSError as err:
+        source = str(saved) if saved is not None else ecfg.pretrained
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+        raise MissingBaseError(
+            f"checkpoint {directory}: the {name} encoder's base model {source!r} could not be loaded: it is not in "
+            f"the local Hugging Face cache and the hub could not be reached{offline}. Download it on this node "
+            f"(`hf download {source}`), allow hub access, or store the bases in the checkpoint: "
+            "`cman.models.cman.make_self_contained(checkpoint, out_dir)`"
+        ) from err
+
+
+def make_self_contained(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Copy `checkpoint` to `out_dir` with its frozen pretrained bases stored inside (no hub or cache needed)."""
+    model = CMAN.from_pretrained(checkpoint)
+    keep = {k: v for k, v in model.checkpoint_metadata.items() if k not in ("format", "modalities", "base_models")}
+    keep.pop("parameters", None)
+    return model.save_pretrained(out_dir, metadata=keep, include_bases=True)
 
 
 def _check_fingerprint(name: str, base_meta: dict, config: Any, directory: Path) -> None:

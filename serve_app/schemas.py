@@ -1,0 +1,93 @@
+"""The typed HTTP contract: response models, the one error model, and which statuses each route documents."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+ITEM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+ITEM_ID_RULE = "1-128 letters, digits, '_', '-' or '.', starting with a letter or digit"
+MAX_K = 100
+
+
+class Target(str, Enum):
+    """The gallery a search ranks."""
+
+    text = "text"
+    audio = "audio"
+    image = "image"
+
+
+class ErrorResponse(BaseModel):
+    """Every error: what went wrong and what to send instead."""
+
+    error: str = Field(description="what went wrong and what to send instead")
+
+
+class Hit(BaseModel):
+    id: str
+    score: float = Field(description="cosine similarity of the query and the item")
+    caption: str | None = None
+    image_url: str | None = Field(default=None, description="GET it for the item's image")
+    audio_url: str | None = Field(default=None, description="GET it for the item's audio")
+
+
+class SearchResponse(BaseModel):
+    query_modalities: list[Target]
+    target: Target
+    results: list[Hit]
+
+
+class EmbedResponse(BaseModel):
+    modalities: list[Target]
+    embedding: list[float] = Field(description="the L2-normalised embedding")
+
+
+class ItemResponse(BaseModel):
+    id: str
+    added_to: list[Target] = Field(description="the galleries the item joined")
+    counts: dict[str, int] = Field(description="gallery sizes after the addition")
+
+
+class EncoderStats(BaseModel):
+    batches: int
+    requests: int
+    max_batch_size_seen: int
+    batch_sizes: dict[str, int]
+
+
+class StatsResponse(BaseModel):
+    encoders: dict[str, EncoderStats]
+    index: dict[str, int] = Field(description="gallery sizes")
+
+
+class StatusResponse(BaseModel):
+    status: str = Field(description='"ok"')
+
+
+_WHY = {
+    400: "a bad field (empty or control-only text, a model without that encoder, a duplicate id)",
+    401: "an API key is configured and the request has no valid `Authorization: Bearer <key>`",
+    403: "a state-changing route refused: no API key configured on a non-loopback bind, or a cross-origin request",
+    404: "no such item, or the item has no such medium",
+    413: "over a limit: body, upload, text characters, audio seconds, image pixels or form fields",
+    415: "undecodable media, or a content type other than multipart/form-data",
+    422: "validation: a field of the wrong type or out of range (`k` 1-100, `target`, `id`)",
+    503: "a replica is restarting or the queue is full; retry after the Retry-After seconds",
+    504: "the request took longer than serve.request_timeout_s",
+}
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+MEDIA_CONTENT = {
+    kind: {t: BINARY for t in types}
+    for kind, types in {
+        "image": ("image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp", "application/octet-stream"),
+        "audio": ("audio/wav", "audio/flac", "audio/ogg", "audio/mpeg", "application/octet-stream"),
+    }.items()
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses (401, 503 and 504 are added: any route may answer them)."""
+    return {s: {"model": ErrorResponse, "description": _WHY[s]} for s in sorted({*statuses, 401, 503, 504})}
