@@ -64,10 +64,13 @@ def build_app(args: ServeArgs) -> Application:
     actor = {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica}
     # Batching only helps if a replica may hold a full batch (plus the next one filling up) at once.
     ongoing = max(2 * cfg.max_batch_size, 8)
+    scaling: dict[str, Any] = {"num_replicas": cfg.encoder_replicas}
+    if cfg.encoder_autoscaling is not None:
+        scaling = {"num_replicas": "auto", "autoscaling_config": cfg.encoder_autoscaling.model_dump()}
     encoders = {}
     for name in checkpoint_modalities(checkpoint):
         deployment = EncoderDeployment.options(
-            name=DEPLOYMENT_NAMES[Modality(name)], ray_actor_options=actor, max_ongoing_requests=ongoing
+            name=DEPLOYMENT_NAMES[Modality(name)], ray_actor_options=actor, max_ongoing_requests=ongoing, **scaling
         )
         encoders[name] = deployment.bind(
             str(checkpoint),
@@ -77,8 +80,16 @@ def build_app(args: ServeArgs) -> Application:
             cfg.num_cpus_per_replica,
             cfg.num_gpus_per_replica,
         )
-    retriever = RetrieverDeployment.options(ray_actor_options=actor, max_ongoing_requests=256, num_replicas=1).bind(
-        encoders, str(checkpoint), str(index_dir), cfg.index_kind, cfg.num_cpus_per_replica, cfg.num_gpus_per_replica
+    retriever = RetrieverDeployment.options(
+        ray_actor_options=actor, max_ongoing_requests=256, num_replicas=cfg.retriever_replicas
+    ).bind(
+        encoders,
+        str(checkpoint),
+        str(index_dir),
+        cfg.index_kind,
+        cfg.num_cpus_per_replica,
+        cfg.num_gpus_per_replica,
+        serve_config=cfg.model_dump(),
     )
     ingress_cpus = min(cfg.num_cpus_per_replica, 1.0)
     return Ingress.options(ray_actor_options={"num_cpus": ingress_cpus}, max_ongoing_requests=256).bind(
