@@ -175,9 +175,9 @@ def default_specs(n: int) -> list[dict]:
     nlist = int(max(16, min(1024, 2 ** round(np.log2(np.sqrt(n))))))  # 1M: 1024 lists of ~1000
     return [
         {"kind": "flat"},
-        {"kind": "ivf_flat", "nlist": nlist, "nprobe": [4, 8, 16, 32, 64]},
-        {"kind": "ivf_sq8", "nlist": nlist, "nprobe": [8, 16, 32, 64]},
-        {"kind": "hnsw", "m": 16, "ef_construction": 40, "ef_search": [16, 32, 64, 128]},
+        {"kind": "ivf_flat", "nlist": nlist, "nprobe": [8, 16, 32, 64, 128]},
+        {"kind": "ivf_sq8", "nlist": nlist, "nprobe": [16, 32, 64, 128]},
+        {"kind": "hnsw", "m": 16, "ef_construction": 40, "ef_search": [32, 64, 128, 256]},
     ]
 
 

@@ -221,6 +221,11 @@ class ServeConfig(_Section):
     retriever_replicas: int = Field(default=1, ge=1, description="Retriever replicas sharing one index directory")
     gallery_sync_s: float = Field(default=0.5, gt=0, description="replicas read each other's adds this often")
     gallery_compact_every: int = Field(default=1000, ge=1, description="adds between snapshot compactions")
+    index_shard_size: int = Field(default=4096, ge=1, description="cman index: items per shard (resume unit)")
+    index_batch_size: int = Field(default=64, ge=1, description="cman index: items per Ray Data batch")
+    index_actors: int = Field(default=1, ge=1, description="cman index: encoder actors per modality")
+    index_cpus_per_actor: float = Field(default=1.0, gt=0, description="cman index: CPUs per encoder actor")
+    index_gpus_per_actor: float = Field(default=0.0, ge=0, description="cman index: GPUs per encoder actor")
 
 
 class MlflowConfig(_Section):
