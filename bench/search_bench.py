@@ -171,6 +171,11 @@ def run_dataset(name: str, data: np.ndarray, queries: np.ndarray, specs: list[di
     return {"dataset": name, "n": len(data), "dim": data.shape[1], "queries": len(queries), "rows": rows}
 
 
+def specs(n: int, kinds: list[str]) -> list[dict]:
+    """The index specs benchmarked (flat first: it is the exact reference)."""
+    return [spec for spec in default_specs(n) if spec["kind"] == "flat" or spec["kind"] in kinds]
+
+
 def default_specs(n: int) -> list[dict]:
     nlist = int(max(16, min(1024, 2 ** round(np.log2(np.sqrt(n))))))  # 1M: 1024 lists of ~1000
     return [
@@ -246,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spread", type=float, default=1.0, help="noise norm around a cluster centre / real vector")
     p.add_argument("--real-index", help="index dir from `cman index`: benchmark its vectors replicated with noise")
     p.add_argument("--no-synthetic", action="store_true", help="only the --real-index set")
+    p.add_argument("--kinds", nargs="+", default=["ivf_flat", "ivf_sq8", "hnsw"], help="ANN indexes to run")
     p.add_argument("--time-budget", type=float, default=8.0, help="seconds per QPS measurement at most")
     p.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (0: faiss default)")
     p.add_argument("--add-cost", action="store_true", help="time durable online adds instead of searches")
@@ -273,14 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_synthetic:
             data = clustered(args.n + args.queries, args.dim, args.clusters, args.spread, seed=0)
             queries, data = data[: args.queries].copy(), data[args.queries :]
-            results.append(run_dataset("clustered synthetic", data, queries, default_specs(args.n), args))
+            results.append(run_dataset("clustered synthetic", data, queries, specs(args.n, args.kinds), args))
             del data
         if args.real_index:
             base = real_vectors(args.real_index)
             data = replicated(base, args.n, args.spread, seed=1)
             queries = replicated(base[rng.permutation(len(base))], args.queries, args.spread, seed=2)
             name = f"real CMAN embeddings ({len(base)}) + noise"
-            results.append(run_dataset(name, data, queries, default_specs(args.n), args))
+            results.append(run_dataset(name, data, queries, specs(args.n, args.kinds), args))
         out = {**meta, "results": results}
         path = Path(args.out or RESULTS / f"search_{args.n}_{stamp}.json")
         if not args.no_plot and results:

@@ -206,6 +206,12 @@ class RetrieverServer:
     def counts(self) -> dict[str, int]:
         return {m: len(ix) for m, ix in self.indexes.items()}
 
+    async def replica_search(self, payloads: dict[str, Any], target: str, k: int) -> dict[str, Any]:
+        """`search` plus which replica (Serve replica id, process id) answered: for operators and replica tests."""
+        context = serve.get_replica_context()
+        result = await self.search(payloads, target, k)
+        return {"replica": context.replica_id.unique_id, "pid": os.getpid(), **result}
+
     def __del__(self) -> None:
         self._stop.set()
 

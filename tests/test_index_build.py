@@ -97,7 +97,7 @@ def test_manifest_path_outside_the_dataset_root_is_refused(trained_checkpoint: P
         build_index(trained_checkpoint, "test", tmp_path / "index", root=root)
 
 
-# ---- Ray Data ---------------------------------------------------------------------------------------------------------
+# ---- Ray Data -------------------------------------------------------------------------------------------------
 def _gallery(out: Path) -> dict:
     from cman.index import open_gallery
 
