@@ -370,13 +370,15 @@ def _read_json(path: Path, expected: type) -> Any:
 def auto_params(n: int, exact_max: int, ann_kind: str = "ivf") -> dict[str, Any]:
     """``serve.index_kind: auto``: exact search up to ``exact_max`` items, ``ann_kind`` above (bench/README.md).
 
-    IVF gets about sqrt(n) lists (a power of two, 64-4096), so a probe of 16 lists scans ~16/sqrt(n) of the gallery.
+    IVF gets about sqrt(n) lists (a power of two, 64-4096) and probes 1/8 of them: measured at 1M (bench/README.md),
+    1024 lists with nprobe 128 gave recall@10 0.976 at 16x the exact search's queries/s; nprobe 16 only 0.51.
     """
     if n <= exact_max:
         return {"kind": "flat"}
     if ann_kind == "hnsw":
         return {"kind": "hnsw"}
-    return {"kind": "ivf", "nlist": int(min(4096, max(64, 2 ** round(np.log2(np.sqrt(n))))))}
+    nlist = int(min(4096, max(64, 2 ** round(np.log2(np.sqrt(n))))))
+    return {"kind": "ivf", "nlist": nlist, "nprobe": nlist // 8}
 
 
 def load_gallery(

@@ -200,5 +200,5 @@ def test_auto_params_exact_below_threshold_ivf_above() -> None:
     from cman.index import auto_params
 
     assert auto_params(1000, exact_max=100_000) == {"kind": "flat"}
-    assert auto_params(1_000_000, exact_max=100_000) == {"kind": "ivf", "nlist": 1024}
+    assert auto_params(1_000_000, exact_max=100_000) == {"kind": "ivf", "nlist": 1024, "nprobe": 128}
     assert auto_params(200_000, exact_max=100_000, ann_kind="hnsw") == {"kind": "hnsw"}
