@@ -87,6 +87,25 @@ def read_from(path: Path, offset: int) -> tuple[list[tuple[dict[str, Any], dict[
     return entries, offset + end
 
 
+def replay(gallery: dict[Any, Any], log_dir: Path, offsets: dict[str, int], params: dict[str, Any]) -> int:
+    """Apply the log's complete lines after ``offsets`` (updated in place) to ``gallery``; returns items applied."""
+    from cman.index import GalleryIndex
+    from cman.modality import Modality
+
+    applied = 0
+    for segment in segments(log_dir):
+        entries, offsets[segment.name] = read_from(segment, offsets.get(segment.name, 0))
+        for record, vectors in entries:
+            for name, vector in vectors.items():
+                modality = Modality(name)
+                if modality not in gallery:
+                    gallery[modality] = GalleryIndex(vector.shape[0], **params)
+                if str(record["id"]) not in gallery[modality]:
+                    gallery[modality].add(vector[None], [record])
+            applied += 1
+    return applied
+
+
 @contextmanager
 def locked(log_dir: Path) -> Iterator[None]:
     """Exclusive lock on the log (across processes) for appends, segment switches and compaction."""

@@ -397,7 +397,7 @@ def load_gallery(
         elif modality.value in modalities and dim is not None:
             gallery[modality] = GalleryIndex(dim, **params)
     offsets: dict[str, int] = {}
-    replay_log(gallery, index_dir / gallery_log.LOG_DIR, offsets, params)
+    gallery_log.replay(gallery, index_dir / gallery_log.LOG_DIR, offsets, params)
     return gallery, offsets
 
 
@@ -410,23 +410,3 @@ def open_gallery(
     modalities without a snapshot. Replay is idempotent: a logged item already in a snapshot is skipped.
     """
     return load_gallery(index_dir, modalities, dim, **params)[0]
-
-
-def replay_log(
-    gallery: dict[Modality, GalleryIndex], log_dir: Path, offsets: dict[str, int], params: dict[str, Any]
-) -> int:
-    """Apply the log's complete lines after ``offsets`` (updated in place) to ``gallery``; returns items applied."""
-    from cman import gallery_log
-
-    applied = 0
-    for segment in gallery_log.segments(log_dir):
-        entries, offsets[segment.name] = gallery_log.read_from(segment, offsets.get(segment.name, 0))
-        for record, vectors in entries:
-            for name, vector in vectors.items():
-                modality = Modality(name)
-                if modality not in gallery:
-                    gallery[modality] = GalleryIndex(vector.shape[0], **params)
-                if str(record["id"]) not in gallery[modality]:
-                    gallery[modality].add(vector[None], [record])
-            applied += 1
-    return applied

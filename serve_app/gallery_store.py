@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from cman import gallery_log
-from cman.index import GalleryIndex, load_gallery, replay_log
+from cman.index import GalleryIndex, load_gallery
 from cman.modality import Modality
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class GalleryStore:
         self._last_sync = time.monotonic()
         if lagging:  # a segment may have been deleted before this process read all of it
             return self._reload()
-        return replay_log(self.indexes, self.log_dir, self.offsets, self.params)
+        return gallery_log.replay(self.indexes, self.log_dir, self.offsets, self.params)
 
     def _reload(self) -> int:
         logger.warning("log segments of %s were compacted before this replica read them; reloading", self.index_dir)
