@@ -46,9 +46,10 @@ def tiny_model(work: Path) -> tuple[Path, Path]:
 
 def queries(index_dir: Path, kind: str) -> list[dict[str, Any]]:
     """Form data + files for `kind` queries, taken from the gallery items (captions / image files)."""
-    from cman.index import GalleryIndex
+    from cman.index import open_gallery
+    from cman.modality import Modality
 
-    records = GalleryIndex.load(index_dir / "text")._items
+    records = open_gallery(index_dir)[Modality.TEXT].records()
     if kind == "text":
         return [{"data": {"text": r["caption"], "target": "image", "k": "10"}} for r in records if r.get("caption")]
     out = []

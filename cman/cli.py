@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True, help="index directory")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--in-process", action="store_true", help="embed in this process without Ray Data")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("serve", help="serve HTTP search (Ray Serve) over a checkpoint and an index")
@@ -239,10 +241,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from jobs.build_index import build_index
+    from jobs.build_index import build_index, build_index_ray
 
     config = _load(args)
-    summary = build_index(args.checkpoint, args.split, args.out, root=config.data.root, kind=config.serve.index_kind)
+    common = {"root": config.data.root, "kind": config.serve.index_kind, "serve": config.serve}
+    if args.in_process:
+        summary = build_index(args.checkpoint, args.split, args.out, **common)
+    else:
+        summary = build_index_ray(args.checkpoint, args.split, args.out, address=args.address, **common)
     print(f"index written to {args.out}: {summary}")
     return 0
 

@@ -202,13 +202,41 @@ class TuneConfig(_Section):
     space: TuneSpace = TuneSpace()
 
 
+class Autoscaling(_Section):
+    """Serve autoscaling of a deployment: replicas between min and max, aiming at target ongoing requests each."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
 class ServeConfig(_Section):
     max_batch_size: int = Field(default=16, ge=1)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
     max_upload_mb: float = Field(default=10.0, gt=0, description="per uploaded file; the body may hold 3 + 1 MiB")
     num_cpus_per_replica: float = Field(default=0.25, gt=0)
     num_gpus_per_replica: float = Field(default=0.0, ge=0)
-    index_kind: Literal["flat", "ivf", "hnsw"] = "flat"
+    index_kind: Literal["auto", "flat", "ivf", "hnsw"] = Field(
+        default="auto", description="auto: exact up to index_auto_exact_max items, index_auto_ann above"
+    )
+    index_auto_exact_max: int = Field(default=100_000, ge=0, description="auto: largest gallery searched exactly")
+    index_auto_ann: Literal["ivf", "hnsw"] = "ivf"
+    encoder_replicas: int = Field(default=1, ge=1, description="replicas per encoder (without autoscaling)")
+    encoder_autoscaling: Autoscaling | None = Field(default=None, description="autoscale encoders instead")
+    retriever_replicas: int = Field(default=1, ge=1, description="Retriever replicas sharing one index directory")
+    gallery_sync_s: float = Field(default=0.5, gt=0, description="replicas read each other's adds this often")
+    gallery_compact_every: int = Field(default=1000, ge=1, description="adds between snapshot compactions")
+    index_shard_size: int = Field(default=4096, ge=1, description="cman index: items per shard (resume unit)")
+    index_batch_size: int = Field(default=64, ge=1, description="cman index: items per Ray Data batch")
+    index_actors: int = Field(default=1, ge=1, description="cman index: encoder actors per modality")
+    index_cpus_per_actor: float = Field(default=1.0, gt=0, description="cman index: CPUs per encoder actor")
+    index_gpus_per_actor: float = Field(default=0.0, ge=0, description="cman index: GPUs per encoder actor")
     api_key: str | None = Field(
         default=None,
         exclude=True,  # a secret: never written into a checkpoint's config.yaml; CMAN_API_KEY takes precedence

@@ -9,8 +9,10 @@ Vectors are L2-normalised float32 embeddings; the metric is inner product (= cos
   trains the IVF on every vector held and moves them over. Searches probe ``nprobe`` lists.
 
 Faiss labels are positions in a parallel list of item records (``{"id", "caption"?, "image_path"?, ...}``).
-On disk (``save``/``load``) a directory holds ``index.faiss``, ``items.json`` and ``index.json`` (dim, kind, count,
-version, checksums of the other two); ``index.json`` is replaced last so a torn write is detected on load.
+On disk (``save``/``load``) a directory holds versions ``v-<n>/`` (``index.faiss``, ``items.json``, ``index.json``
+with dim, kind, count and checksums) and a symlink ``CURRENT`` switched to a new version by one rename. A gallery
+directory (``open_gallery``) holds one such index per modality, ``wal/`` (adds since the snapshots, see
+``cman.gallery_log``) and ``media/`` (files of added items).
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from typing import Any
 import faiss
 import numpy as np
 
+from cman.modality import Modality
+
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 FORMAT_VERSION = 1
 IVF_MIN_POINTS_PER_LIST = 39
-INDEX_FILE, ITEMS_FILE, META_FILE = "index.faiss", "items.json", "index.json"
+INDEX_FILE, ITEMS_FILE, META_FILE, CURRENT = "index.faiss", "items.json", "index.json", "CURRENT"
 
 
 def _sha256(path: Path) -> str:
@@ -179,6 +183,18 @@ class GalleryIndex:
     def __contains__(self, item_id: object) -> bool:
         return str(item_id) in self._pos
 
+    def vectors(self) -> np.ndarray:
+        """Every stored vector, in insertion order (row i belongs to ``records()[i]``). # (n, dim)"""
+        with self._lock:
+            if self.is_trained_ivf:
+                self._index.make_direct_map()
+            return self._index.reconstruct_n(0, self._index.ntotal) if len(self) else np.zeros((0, self.dim), "f4")
+
+    def records(self) -> list[dict[str, Any]]:
+        """Copies of every item record, in insertion order."""
+        with self._lock:
+            return copy.deepcopy(self._items)
+
     # ----------------------------------------------------------------- persistence
     def _meta(self) -> dict[str, Any]:
         return {
@@ -193,37 +209,58 @@ class GalleryIndex:
             "ef_construction": self.ef_construction,
         }
 
-    def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write ``index.faiss``, ``items.json`` and ``index.json`` atomically into ``directory``.
-
-        Everything is written to a temporary sibling directory first; then the data files are moved in with
-        ``os.replace`` and ``index.json`` (count + checksums) last. A failure before the moves (e.g. an item that is
-        not JSON-serialisable) leaves the previous index untouched.
-        """
-        directory = Path(directory)
+    def _frozen(self) -> tuple[faiss.Index, str, dict[str, Any]]:
+        """A consistent copy (faiss clone, items JSON, meta), taken under the lock; searches wait only for the copy."""
         with self._lock:
             try:
                 items_text = json.dumps(self._items, ensure_ascii=False)
             except (TypeError, ValueError) as err:
-                raise ValueError(
-                    f"cannot save index to {directory}: item records must be JSON-serialisable ({err})"
-                ) from err
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-            try:
-                faiss.write_index(self._index, str(tmp / INDEX_FILE))
-                _write_synced(tmp / ITEMS_FILE, items_text)
-                meta = self._meta()
-                meta["sha256"] = {
-                    INDEX_FILE: _sha256(tmp / INDEX_FILE),
-                    ITEMS_FILE: _sha256(tmp / ITEMS_FILE),
-                }
-                _write_synced(tmp / META_FILE, json.dumps(meta, indent=2))
-                directory.mkdir(parents=True, exist_ok=True)
-                for name in (INDEX_FILE, ITEMS_FILE, META_FILE):
-                    os.replace(tmp / name, directory / name)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                raise ValueError(f"item records must be JSON-serialisable to save the index ({err})") from err
+            return faiss.clone_index(self._index), items_text, self._meta()
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write the index into a new version directory under ``directory`` and switch ``CURRENT`` to it.
+
+        The version (``index.faiss``, ``items.json``, ``index.json`` with checksums) is written and fsynced in full
+        under a temporary name, renamed to ``v-<n>``, and then the symlink ``directory/CURRENT`` is replaced by one
+        ``os.replace``: a reader sees the old version or the new one, never a mix. Older versions are removed after
+        the switch. A failure before the switch (e.g. an item that is not JSON-serialisable) changes nothing.
+        """
+        directory = Path(directory)
+        try:
+            index, items_text, meta = self._frozen()
+        except ValueError as err:
+            raise ValueError(f"cannot save index to {directory}: {err}") from None
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-v-", dir=directory))
+        try:
+            faiss.write_index(index, str(tmp / INDEX_FILE))
+            _fsync_file(tmp / INDEX_FILE)
+            _write_synced(tmp / ITEMS_FILE, items_text)
+            meta["sha256"] = {INDEX_FILE: _sha256(tmp / INDEX_FILE), ITEMS_FILE: _sha256(tmp / ITEMS_FILE)}
+            _write_synced(tmp / META_FILE, json.dumps(meta, indent=2))
+            _fsync_dir(tmp)
+            version = directory / f"v-{_next_version(directory)}"
+            os.rename(tmp, version)
+            switch_symlink(directory / CURRENT, version.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in directory.iterdir():  # superseded versions and files of the pre-versioned layout
+            if old.name != version.name and old.name != CURRENT and not old.name.startswith(".tmp-"):
+                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink(missing_ok=True)
+
+    @staticmethod
+    def current_path(directory: str | os.PathLike[str]) -> Path:
+        """The directory holding the files of the index saved at ``directory`` (its current version)."""
+        directory = Path(directory)
+        link = directory / CURRENT
+        if link.is_symlink() or link.exists():
+            return directory / os.readlink(link)
+        return directory  # an index saved before versioned directories
+
+    @staticmethod
+    def exists(directory: str | os.PathLike[str]) -> bool:
+        return (GalleryIndex.current_path(directory) / META_FILE).is_file()
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> GalleryIndex:
@@ -231,6 +268,7 @@ class GalleryIndex:
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"index directory {directory} does not exist; build one with `cman index`")
+        directory = cls.current_path(directory)
         meta = _read_json(directory / META_FILE, dict)
         if meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{directory / META_FILE}: unsupported index version {meta.get('version')!r}")
@@ -278,6 +316,36 @@ class GalleryIndex:
         return self
 
 
+def _next_version(directory: Path) -> int:
+    numbers = [int(p.name[2:]) for p in directory.glob("v-*") if p.name[2:].isdigit()]
+    return max(numbers, default=0) + 1
+
+
+def switch_symlink(link: Path, target: str) -> None:
+    """Point ``link`` at ``target`` (relative) with one atomic rename, then fsync the directory."""
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    _fsync_dir(link.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_synced(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -297,3 +365,48 @@ def _read_json(path: Path, expected: type) -> Any:
             f"{path} should hold a JSON {expected.__name__}, got {type(data).__name__}"
         )
     return data
+
+
+def auto_params(n: int, exact_max: int, ann_kind: str = "ivf") -> dict[str, Any]:
+    """``serve.index_kind: auto``: exact search up to ``exact_max`` items, ``ann_kind`` above (bench/README.md).
+
+    IVF gets about sqrt(n) lists (a power of two, 64-4096) and probes 1/8 of them: measured at 1M (bench/README.md),
+    1024 lists with nprobe 128 gave recall@10 0.976 at 16x the exact search's queries/s; nprobe 16 only 0.51.
+    """
+    if n <= exact_max:
+        return {"kind": "flat"}
+    if ann_kind == "hnsw":
+        return {"kind": "hnsw"}
+    nlist = int(min(4096, max(64, 2 ** round(np.log2(np.sqrt(n))))))
+    return {"kind": "ivf", "nlist": nlist, "nprobe": nlist // 8}
+
+
+def load_gallery(
+    index_dir: str | os.PathLike[str], modalities: Sequence[str] = (), dim: int | None = None, **params: Any
+) -> tuple[dict[Modality, GalleryIndex], dict[str, int]]:
+    """:func:`open_gallery`, plus the log position reached (segment name -> byte offset) for a process that tails it."""
+    from cman import gallery_log
+
+    index_dir = Path(index_dir)
+    if not index_dir.is_dir():
+        raise FileNotFoundError(f"index directory {index_dir} does not exist; build one with `cman index`")
+    gallery: dict[Modality, GalleryIndex] = {}
+    for modality in Modality:
+        if GalleryIndex.exists(index_dir / modality.value):
+            gallery[modality] = GalleryIndex.load(index_dir / modality.value)
+        elif modality.value in modalities and dim is not None:
+            gallery[modality] = GalleryIndex(dim, **params)
+    offsets: dict[str, int] = {}
+    gallery_log.replay(gallery, index_dir / gallery_log.LOG_DIR, offsets, params)
+    return gallery, offsets
+
+
+def open_gallery(
+    index_dir: str | os.PathLike[str], modalities: Sequence[str] = (), dim: int | None = None, **params: Any
+) -> dict[Modality, GalleryIndex]:
+    """Load a whole index directory: every ``<modality>/`` snapshot, then the write-ahead log ``wal/`` replayed on top.
+
+    This is what the Retriever serves. ``modalities`` + ``dim`` (+ GalleryIndex ``params``) create empty indexes for
+    modalities without a snapshot. Replay is idempotent: a logged item already in a snapshot is skipped.
+    """
+    return load_gallery(index_dir, modalities, dim, **params)[0]

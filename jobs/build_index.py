@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.data import DataLoader
 
+from cman.config import ServeConfig
 from cman.data.dataset import CMANDataset, Collator, Item, load_split
-from cman.index import GalleryIndex
+from cman.index import GalleryIndex, auto_params
 from cman.modality import Modality
 from cman.models.cman import CMAN
 from cman.training import amp_dtype, compute_embeddings, resolve_device
@@ -34,15 +38,22 @@ def unique_items(items: list[Item], modality: Modality) -> list[Item]:
     return out
 
 
-def item_record(item: Item) -> dict[str, Any]:
-    """What the index stores per item: id, caption and absolute media paths (absent fields are left out)."""
+def item_record(item: Item, root: Path) -> dict[str, Any]:
+    """What the index stores per item: id, caption and absolute media paths (absent fields are left out).
+
+    A media path outside the dataset `root` (an absolute path or `..` in a manifest) is an error: the Retriever
+    serves these files, so a manifest must not be able to point it anywhere else.
+    """
     record: dict[str, Any] = {"id": item.id, "group": item.group}
     if item.caption is not None:
         record["caption"] = item.caption
-    if item.image_path is not None:
-        record["image_path"] = str(Path(item.image_path).resolve())
-    if item.audio_path is not None:
-        record["audio_path"] = str(Path(item.audio_path).resolve())
+    for kind, path in (("image", item.image_path), ("audio", item.audio_path)):
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if not resolved.is_relative_to(root):
+            raise ValueError(f"item {item.id}: {kind} file {path} is outside the dataset root {root}; fix the manifest")
+        record[f"{kind}_path"] = str(resolved)
     return record
 
 
@@ -52,8 +63,9 @@ def build_index(
     out_dir: str | Path,
     root: str | Path | None = None,
     kind: str = "flat",
+    serve: ServeConfig | None = None,
 ) -> dict[str, int]:
-    """Embed `split` of the dataset (`root`, default: the checkpoint's data.root) and write `out_dir/<modality>/`.
+    """Single process: embed `split` (`root`, default: the checkpoint's data.root) and write `out_dir/<modality>/`.
 
     Also writes `out_dir/index_meta.json`. Returns the number of gallery items per modality.
     """
@@ -61,9 +73,7 @@ def build_index(
     checkpoint, out_dir = Path(checkpoint).resolve(), Path(out_dir).resolve()
     model = CMAN.from_pretrained(checkpoint).merge_adapters()
     config = model.config
-    data_root = Path(root or config.data.root or "")
-    if not str(root or config.data.root or ""):
-        raise ValueError("no dataset root: pass root= (cman index --config with data.root set)")
+    data_root = _data_root(root, config)
     items = load_split(data_root, split)
     device = resolve_device(config.ray.use_gpu)
     model.to(device)
@@ -85,19 +95,247 @@ def build_index(
         logger.info("embedding %d %s items of %s/%s", len(gallery), modality.value, data_root, split)
         embedded = compute_embeddings(model, loader, device, dtype, progress=True)[modality]
         by_key = {item.key(modality): item for item in gallery}
-        index = GalleryIndex(embedded.embeddings.shape[1], kind=kind)
-        index.add(embedded.embeddings, [item_record(by_key[key]) for key in embedded.keys])
-        index.save(out_dir / modality.value)
-        counts[modality.value] = len(index)
+        records = [item_record(by_key[key], data_root) for key in embedded.keys]
+        counts[modality.value] = write_modality(out_dir, modality, embedded.embeddings, records, kind, serve)
+    write_meta(out_dir, checkpoint, split, data_root, kind, len(items), counts)
+    logger.info("index written to %s: %s (%.1f s)", out_dir, counts, time.perf_counter() - start)
+    return counts
+
+
+def _data_root(root: str | Path | None, config: Any) -> Path:
+    if not str(root or config.data.root or ""):
+        raise ValueError("no dataset root: pass root= (cman index --config with data.root set)")
+    return Path(root or config.data.root).resolve()
+
+
+def write_modality(
+    out_dir: Path, modality: Modality, vectors: np.ndarray, records: list[dict], kind: str, serve: ServeConfig | None
+) -> int:
+    """One GalleryIndex of `kind` (`auto`: by size, from `serve`) over `vectors`, saved under `out_dir/<modality>`."""
+    serve = serve or ServeConfig()
+    params = (
+        auto_params(len(records), serve.index_auto_exact_max, serve.index_auto_ann)
+        if kind == "auto"
+        else {"kind": kind}
+    )
+    index = GalleryIndex(vectors.shape[1], **params)
+    index.add(vectors, records)
+    index.save(out_dir / modality.value)
+    return len(index)
+
+
+def write_meta(
+    out_dir: Path, checkpoint: Path, split: str, root: Path, kind: str, n_items: int, counts: dict[str, int]
+) -> None:
     meta = {
         "checkpoint": str(checkpoint),
         "split": split,
-        "root": str(data_root.resolve()),
+        "root": str(root),
         "kind": kind,
-        "items_in_split": len(items),
+        "items_in_split": n_items,
         "counts": counts,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     (out_dir / "index_meta.json").write_text(json.dumps(meta, indent=2))
+
+
+# ---- Ray Data -------------------------------------------------------------------------------------------------------
+class EmbedActor:
+    """Ray Data actor: one modality's LoRA-merged encoder + the fusion transformer, and that modality's processor
+    (what the Serve encoder replica and the Retriever run), embedding a batch of item rows on its own."""
+
+    def __init__(self, checkpoint: str, modality: str, num_threads: int, use_gpu: bool) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, num_threads))
+        self.modality = Modality(modality)
+        self.model = CMAN.from_pretrained(checkpoint, modalities=[self.modality]).merge_adapters()
+        self.device = resolve_device(use_gpu)
+        self.model.to(self.device)
+        config = self.model.config
+        self.dtype = amp_dtype(self.device, config.training.mixed_precision)
+        self.processors = {self.modality: self.model.processors[self.modality]}
+        self.skip_bad = config.data.skip_bad_items
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        items = [_row_item(batch, i) for i in range(len(batch["key"]))]
+        dataset = CMANDataset(items, self.processors, skip_bad_items=self.skip_bad)
+        collated = Collator(self.processors)([dataset[i] for i in range(len(items))])
+        embedded = compute_embeddings(self.model, [collated], self.device, self.dtype).get(self.modality)
+        dim = self.model.config.model.embedding_dim
+        vectors = np.zeros((len(items), dim), np.float32)  # (batch, dim); rows of skipped bad items stay zero
+        ok = np.zeros(len(items), bool)
+        if embedded is not None:
+            row = {key: i for i, key in enumerate(batch["key"])}
+            for key, vector in zip(embedded.keys, embedded.embeddings, strict=True):
+                vectors[row[key]], ok[row[key]] = vector, True
+        return {"shard": batch["shard"], "key": batch["key"], "embedding": vectors, "ok": ok}
+
+
+def _row_item(batch: dict[str, np.ndarray], i: int) -> Item:
+    def opt(name: str) -> str | None:
+        value = str(batch[name][i])
+        return value or None
+
+    audio, image = opt("audio_path"), opt("image_path")
+    return Item(
+        id=str(batch["id"][i]),
+        group=str(batch["group"][i]),
+        caption=opt("caption"),
+        audio_path=Path(audio) if audio else None,
+        image_path=Path(image) if image else None,
+    )
+
+
+def connect_ray(address: str | None) -> None:
+    """Connect to `address` / RAY_ADDRESS or start a local Ray (the one place this job starts Ray)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "PYTHONPATH") if k in os.environ}
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        kwargs["include_dashboard"] = False
+    ray.init(address=address, **kwargs)
+
+
+def shard_path(out_dir: Path, modality: Modality, shard: int) -> Path:
+    return out_dir / "shards" / modality.value / f"shard-{shard:05d}.npz"
+
+
+def build_index_ray(
+    checkpoint: str | Path,
+    split: str,
+    out_dir: str | Path,
+    root: str | Path | None = None,
+    kind: str = "flat",
+    serve: ServeConfig | None = None,
+    address: str | None = None,
+    progress: bool = True,
+) -> dict[str, int]:
+    """`build_index` on Ray Data: `map_batches` over an actor pool per modality, streamed into shards.
+
+    Items go in shards of `serve.index_shard_size`; a shard is written (`out_dir/shards/<m>/shard-N.npz`, temp file +
+    rename) once all its items are embedded, and a re-run skips shards already on disk. Actors, CPUs/GPUs per actor
+    and the batch size come from `serve.index_*`. Then each modality's shards are loaded into one GalleryIndex.
+    """
+    start = time.perf_counter()
+    serve = serve or ServeConfig()
+    checkpoint, out_dir = Path(checkpoint).resolve(), Path(out_dir).resolve()
+    meta = json.loads((checkpoint / "metadata.json").read_text())
+    data_root = _data_root(root, _checkpoint_config(checkpoint))
+    items = load_split(data_root, split)
+    connect_ray(address)
+    size = serve.index_shard_size
+    plan: dict[Modality, list[list[Item]]] = {}
+    for modality in (Modality(m) for m in meta["base_models"]):
+        gallery = unique_items(items, modality)
+        if gallery:
+            plan[modality] = [gallery[i : i + size] for i in range(0, len(gallery), size)]
+        else:
+            logger.warning("split %s has no %s; no %s index written", split, modality.value, modality.value)
+    with ThreadPoolExecutor(max_workers=max(1, len(plan))) as pool:  # the modalities' actor pools run side by side
+        jobs = [
+            pool.submit(_embed_shards, checkpoint, m, shards, out_dir, serve, progress) for m, shards in plan.items()
+        ]
+        for job in jobs:
+            job.result()
+    counts: dict[str, int] = {}
+    for modality, shards in plan.items():
+        vectors, records = _load_shards(out_dir, modality, shards, data_root)
+        counts[modality.value] = write_modality(out_dir, modality, vectors, records, kind, serve)
+    write_meta(out_dir, checkpoint, split, data_root, kind, len(items), counts)
     logger.info("index written to %s: %s (%.1f s)", out_dir, counts, time.perf_counter() - start)
     return counts
+
+
+def _checkpoint_config(checkpoint: Path) -> Any:
+    from cman.config import load_config
+
+    return load_config(checkpoint / "config.yaml")
+
+
+def _embed_shards(
+    checkpoint: Path, modality: Modality, shards: list[list[Item]], out_dir: Path, serve: ServeConfig, progress: bool
+) -> None:
+    import ray.data
+    from tqdm import tqdm
+
+    pending = [i for i in range(len(shards)) if not shard_path(out_dir, modality, i).is_file()]
+    logger.info("%s: %d of %d shards to embed", modality.value, len(pending), len(shards))
+    if not pending:
+        return
+    rows = [_item_row(i, item, modality) for i in pending for item in shards[i]]
+    dataset = ray.data.from_items(rows).map_batches(
+        EmbedActor,
+        fn_constructor_args=(
+            str(checkpoint),
+            modality.value,
+            int(serve.index_cpus_per_actor),
+            serve.index_gpus_per_actor > 0,
+        ),
+        batch_size=serve.index_batch_size,
+        concurrency=serve.index_actors,
+        num_cpus=serve.index_cpus_per_actor,
+        num_gpus=serve.index_gpus_per_actor,
+        batch_format="numpy",
+    )
+    done: dict[int, dict[str, tuple[np.ndarray, bool]]] = {}
+    bar = tqdm(total=len(rows), desc=f"index {modality.value}", disable=not progress)
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for shard, key, vector, ok in zip(batch["shard"], batch["key"], batch["embedding"], batch["ok"], strict=True):
+            done.setdefault(int(shard), {})[str(key)] = (vector, bool(ok))
+        bar.update(len(batch["key"]))
+        for shard in [s for s, got in done.items() if len(got) == len(shards[s])]:
+            _write_shard(out_dir, modality, shard, shards[shard], done.pop(shard))
+    bar.close()
+
+
+def _item_row(shard: int, item: Item, modality: Modality) -> dict[str, Any]:
+    return {
+        "shard": shard,
+        "key": item.key(modality),
+        "id": item.id,
+        "group": item.group,
+        "caption": item.caption or "",
+        "audio_path": str(item.audio_path or ""),
+        "image_path": str(item.image_path or ""),
+    }
+
+
+def _write_shard(
+    out_dir: Path, modality: Modality, shard: int, items: list[Item], got: dict[str, tuple[np.ndarray, bool]]
+) -> None:
+    keys = [item.key(modality) for item in items]
+    path = shard_path(out_dir, modality, shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(
+            f,
+            embeddings=np.stack([got[k][0] for k in keys]),  # (shard_items, dim)
+            ok=np.array([got[k][1] for k in keys]),
+            keys=np.array(keys),
+        )
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_shards(
+    out_dir: Path, modality: Modality, shards: list[list[Item]], root: Path
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    vectors, records = [], []
+    for i, items in enumerate(shards):
+        with np.load(shard_path(out_dir, modality, i)) as shard:
+            if list(shard["keys"]) != [item.key(modality) for item in items]:
+                raise ValueError(
+                    f"{shard_path(out_dir, modality, i)} holds other items (the split changed); delete "
+                    f"{out_dir / 'shards'} and index again"
+                )
+            ok = shard["ok"]
+            vectors.append(shard["embeddings"][ok])
+            records.extend(item_record(item, root) for item, good in zip(items, ok, strict=True) if good)
+    return np.concatenate(vectors), records

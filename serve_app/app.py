@@ -76,14 +76,25 @@ def build_app(args: ServeArgs) -> Application:
     }
     # Batching only helps if a replica may hold a full batch (plus the next one filling up) at once.
     ongoing = max(2 * cfg.max_batch_size, 8)
+    scaling: dict[str, Any] = {"num_replicas": cfg.encoder_replicas}
+    if cfg.encoder_autoscaling is not None:
+        scaling = {"num_replicas": "auto", "autoscaling_config": cfg.encoder_autoscaling.model_dump()}
     encoders = {}
     for name in checkpoint_modalities(checkpoint):
         deployment = EncoderDeployment.options(
-            name=DEPLOYMENT_NAMES[Modality(name)], max_ongoing_requests=ongoing, **common
+            name=DEPLOYMENT_NAMES[Modality(name)], max_ongoing_requests=ongoing, **common, **scaling
         )
         encoders[name] = deployment.bind(str(checkpoint), name, cfg)
-    retriever = RetrieverDeployment.options(max_ongoing_requests=256, num_replicas=1, **common).bind(
-        encoders, str(checkpoint), str(index_dir), cfg.index_kind, cfg.num_cpus_per_replica, cfg.num_gpus_per_replica
+    retriever = RetrieverDeployment.options(
+        max_ongoing_requests=256, num_replicas=cfg.retriever_replicas, **common
+    ).bind(
+        encoders,
+        str(checkpoint),
+        str(index_dir),
+        cfg.index_kind,
+        cfg.num_cpus_per_replica,
+        cfg.num_gpus_per_replica,
+        serve_config=cfg.model_dump(),
     )
     return build_ingress(cfg, key, args.host, retriever, encoders)
 

@@ -1,18 +1,20 @@
-"""Retriever deployment: fusion transformer + one GalleryIndex per target modality under INDEX_DIR/<modality>/.
+"""Retriever deployment: fusion transformer + the gallery of INDEX_DIR (one GalleryIndex per target modality).
 
 It sends each query modality to its encoder deployment (concurrently), fuses the returned token streams into one
-embedding, and searches the target index. `add_item` embeds new media the same way, adds the item to each index it
-can join, copies the media under INDEX_DIR/media/ and saves the touched indexes atomically.
+embedding, and searches the target index. Durable adds, the write-ahead log and replica sync live in
+`serve_app.gallery_store`; media names and confined media reads in `serve_app.media`. Only the fusion transformer
+and the projections are loaded (`CMAN.from_pretrained(dir, modalities=[])`); the encoders are other deployments.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 import re
-import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,59 +23,17 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cman.index import GalleryIndex
+from cman.config import ServeConfig
+from cman.index import auto_params
 from cman.modality import Modality
 from serve_app.encoders import inference_device, limit_threads
 from serve_app.errors import RequestError, raise_if_error
+from serve_app.gallery_store import DuplicateItemError, GalleryStore
+from serve_app.media import allowed_roots, media_name, read_media, write_media
 
 logger = logging.getLogger(__name__)
 
 ITEM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-MEDIA_TYPES = {
-    ".png": "image/png",
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
-    ".gif": "image/gif",
-    ".webp": "image/webp",
-    ".bmp": "image/bmp",
-    ".wav": "audio/wav",
-    ".flac": "audio/flac",
-    ".ogg": "audio/ogg",
-    ".mp3": "audio/mpeg",
-}
-_MAGIC = (
-    (b"\x89PNG", ".png"),
-    (b"\xff\xd8", ".jpg"),
-    (b"GIF8", ".gif"),
-    (b"BM", ".bmp"),
-    (b"RIFF", None),  # WAV or WEBP: see _extension
-    (b"fLaC", ".flac"),
-    (b"OggS", ".ogg"),
-    (b"ID3", ".mp3"),
-)
-
-
-def _extension(data: bytes, modality: Modality) -> str:
-    for magic, ext in _MAGIC:
-        if data.startswith(magic):
-            if ext is None:
-                return ".webp" if data[8:12] == b"WEBP" else ".wav"
-            return ext
-    return ".bin"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def client_errors(method):
@@ -90,38 +50,65 @@ def client_errors(method):
     return wrapper
 
 
+def index_params(index_kind: str, size: int, cfg: ServeConfig) -> dict[str, Any]:
+    """GalleryIndex parameters for empty indexes; `auto` resolves by the gallery's current size."""
+    if index_kind == "auto":
+        return auto_params(size, cfg.index_auto_exact_max, cfg.index_auto_ann)
+    return {"kind": index_kind}
+
+
 class RetrieverServer:
-    """Fuses encoder streams into embeddings and answers searches over the gallery indexes."""
+    """Fuses encoder streams into embeddings, answers searches and adds items to the gallery."""
 
     def __init__(
         self,
         encoders: dict[str, DeploymentHandle],
         checkpoint: str,
         index_dir: str,
-        index_kind: str = "flat",
+        index_kind: str = "auto",
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
+        serve_config: dict[str, Any] | None = None,
     ) -> None:
         from cman.models.cman import CMAN
 
         limit_threads(num_cpus)
-        model = CMAN.from_pretrained(checkpoint)
+        cfg = ServeConfig.model_validate(serve_config or {})
+        model = CMAN.from_pretrained(checkpoint, modalities=[])  # fusion + projections only
         self.device = inference_device(num_gpus)
         self.fusion = model.fusion.to(self.device).eval()
-        self.modalities = [m.value for m in model.modalities]
+        self.width = model.config.model.fusion.width
+        self.modalities = list(json.loads((Path(checkpoint) / "metadata.json").read_text())["base_models"])
         self.dim = model.config.model.embedding_dim
         del model
         self.encoders = encoders
         self.index_dir = Path(index_dir)
-        self.indexes: dict[str, GalleryIndex] = {}
-        for modality in self.modalities:
-            path = self.index_dir / modality
-            if (path / "index.json").is_file():
-                self.indexes[modality] = GalleryIndex.load(path)
-            else:
-                self.indexes[modality] = GalleryIndex(self.dim, kind=index_kind)
-        self._add_lock = asyncio.Lock()
-        logger.info("retriever ready: %s", {m: len(ix) for m, ix in self.indexes.items()})
+        self.index_dir.mkdir(parents=True, exist_ok=True)
+        self.media_roots = allowed_roots(self.index_dir)
+        params = index_params(index_kind, 0, cfg)
+        self.store = GalleryStore.open(
+            self.index_dir, self.modalities, self.dim, params=params, compact_every=cfg.gallery_compact_every
+        )
+        self.indexes = {m.value: ix for m, ix in self.store.indexes.items() if m.value in self.modalities}
+        self._stop = threading.Event()
+        self._sync_s = cfg.gallery_sync_s
+        threading.Thread(target=self._sync_loop, name="gallery-sync", daemon=True).start()
+        logger.info("retriever ready: %s", self.counts())
+
+    def _sync_loop(self) -> None:
+        """Pick up items other replicas added (bounded visibility delay: one period + the read)."""
+        while not self._stop.wait(self._sync_s):
+            try:
+                if self.store.sync():
+                    self.indexes.update({m.value: ix for m, ix in self.store.indexes.items()})
+            except Exception:  # keep serving; the next period retries
+                logger.exception("gallery sync from %s failed", self.index_dir)
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a tiny fusion forward and a writable gallery log."""
+        self._fuse({Modality.TEXT: (np.zeros((1, self.width), np.float32), np.ones(1, bool))})
+        if not os.access(self.store.log_dir, os.W_OK):
+            raise RuntimeError(f"gallery log {self.store.log_dir} is not writable")
 
     # ---- embedding -------------------------------------------------------------------------------------------------
     async def _streams(self, payloads: dict[str, Any]) -> dict[Modality, tuple[np.ndarray, np.ndarray]]:
@@ -179,26 +166,13 @@ class RetrieverServer:
         return out
 
     # ---- items -----------------------------------------------------------------------------------------------------
-    def _record(self, item_id: str) -> dict[str, Any] | None:
-        for modality in ("image", "audio", "text"):
-            index = self.indexes.get(modality)
-            if index is not None and item_id in index:
-                return index.get(item_id)
-        return None
-
     @client_errors
     def media(self, item_id: str, kind: str) -> tuple[bytes, str]:
-        """The raw bytes and media type of an item's image or audio."""
-        record = self._record(item_id)
+        """The raw bytes and media type of an item's image or audio (only files under the gallery's roots)."""
+        record = self.store.record(item_id)
         if record is None:
             raise RequestError(404, f"no item with id {item_id!r} in the gallery")
-        stored = record.get(f"{kind}_path")
-        if not stored:
-            raise RequestError(404, f"item {item_id!r} has no {kind}")
-        path = Path(stored) if Path(stored).is_absolute() else self.index_dir / stored
-        if not path.is_file():
-            raise RequestError(404, f"the {kind} file of item {item_id!r} is missing on the server")
-        return path.read_bytes(), MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        return read_media(self.index_dir, self.media_roots, item_id, kind, record.get(f"{kind}_path"))
 
     @client_errors
     async def add_item(self, item_id: str, payloads: dict[str, Any]) -> dict[str, Any]:
@@ -208,28 +182,38 @@ class RetrieverServer:
             )
         if not payloads:
             raise RequestError(400, "an item needs at least one of text, audio (file), image (file)")
-        async with self._add_lock:
-            targets = [m for m in payloads if m in self.indexes]
-            if any(item_id in self.indexes[m] for m in self.indexes):
-                raise RequestError(400, f"duplicate id {item_id!r}: an item with this id is already in the gallery")
-            streams = await self._streams(payloads)
-            embeddings = {m.value: self._fuse({m: s}) for m, s in streams.items()}  # each modality alone
-            record: dict[str, Any] = {"id": item_id}
-            if "text" in payloads:
-                record["caption"] = payloads["text"]
-            for kind in ("image", "audio"):
-                if kind in payloads:
-                    name = f"media/{item_id}{_extension(payloads[kind], Modality(kind))}"
-                    _write_atomic(self.index_dir / name, payloads[kind])
-                    record[f"{kind}_path"] = name
-            for modality in targets:
-                self.indexes[modality].add(embeddings[modality][None], [record])
-                self.indexes[modality].save(self.index_dir / modality)
+        if item_id in self.store:
+            raise RequestError(400, f"duplicate id {item_id!r}: an item with this id is already in the gallery")
+        streams = await self._streams(payloads)
+        vectors = {m.value: self._fuse({m: s}) for m, s in streams.items() if m.value in self.indexes}
+        record: dict[str, Any] = {"id": item_id}
+        if "text" in payloads:
+            record["caption"] = payloads["text"]
+        media = {kind: media_name(item_id, kind, payloads[kind]) for kind in ("image", "audio") if kind in payloads}
+        record.update({f"{kind}_path": name for kind, name in media.items()})
+
+        def write_files() -> None:  # under the store's lock, after the duplicate check, before the log line
+            for kind, name in media.items():
+                write_media(self.index_dir, name, payloads[kind])
+
+        try:
+            targets = await asyncio.to_thread(self.store.add, vectors, record, write_files)
+        except DuplicateItemError as err:
+            raise RequestError(400, str(err)) from None
         logger.info("added item %s to %s", item_id, targets)
         return {"id": item_id, "added_to": targets, "counts": self.counts()}
 
     def counts(self) -> dict[str, int]:
         return {m: len(ix) for m, ix in self.indexes.items()}
+
+    async def replica_search(self, payloads: dict[str, Any], target: str, k: int) -> dict[str, Any]:
+        """`search` plus which replica (Serve replica id, process id) answered: for operators and replica tests."""
+        context = serve.get_replica_context()
+        result = await self.search(payloads, target, k)
+        return {"replica": context.replica_id.unique_id, "pid": os.getpid(), **result}
+
+    def __del__(self) -> None:
+        self._stop.set()
 
 
 RetrieverDeployment = serve.deployment(RetrieverServer, name="Retriever")

@@ -105,12 +105,10 @@ def test_save_load_round_trip(tmp_path: Path, kind: str) -> None:
     items = [{"id": f"i{j}", "image_path": f"img/{j}.jpg", "meta": {"n": j}} for j in range(n)]
     index.add(x, items)
     index.save(tmp_path / "image")
-    assert sorted(p.name for p in (tmp_path / "image").iterdir()) == [
-        "index.faiss",
-        "index.json",
-        "items.json",
-    ]
-    meta = json.loads((tmp_path / "image" / "index.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "image").iterdir()) == ["CURRENT", "v-1"]
+    current = GalleryIndex.current_path(tmp_path / "image")
+    assert sorted(p.name for p in current.iterdir()) == ["index.faiss", "index.json", "items.json"]
+    meta = json.loads((current / "index.json").read_text())
     assert (meta["dim"], meta["kind"], meta["count"]) == (16, kind, n)
     loaded = GalleryIndex.load(tmp_path / "image")
     assert len(loaded) == n and loaded.kind == kind
@@ -130,6 +128,7 @@ def test_failed_save_leaves_previous_index_intact(tmp_path: Path) -> None:
     old = GalleryIndex.load(tmp_path / "text")
     assert old.ids == ["item0", "item1"]
     assert [p.name for p in tmp_path.iterdir()] == ["text"]  # no temp dirs left behind
+    assert sorted(p.name for p in (tmp_path / "text").iterdir()) == ["CURRENT", "v-1"]
 
 
 def test_load_errors_name_the_path(tmp_path: Path) -> None:
@@ -140,16 +139,66 @@ def test_load_errors_name_the_path(tmp_path: Path) -> None:
     target = tmp_path / "idx"
     index.save(target)
 
-    (target / "items.json").write_text(json.dumps(_items(3)))  # torn: items from another save
+    (GalleryIndex.current_path(target) / "items.json").write_text(json.dumps(_items(3)))  # not this save's items
     with pytest.raises(ValueError, match="items.json does not match"):
         GalleryIndex.load(target)
 
     index.save(target)
-    (target / "index.json").write_text("{not json")
+    (GalleryIndex.current_path(target) / "index.json").write_text("{not json")
     with pytest.raises(ValueError, match="index.json is not valid JSON"):
         GalleryIndex.load(target)
 
     index.save(target)
-    (target / "index.faiss").unlink()
+    (GalleryIndex.current_path(target) / "index.faiss").unlink()
     with pytest.raises(FileNotFoundError, match="index.faiss is missing"):
         GalleryIndex.load(target)
+
+
+def test_vectors_and_records_in_insertion_order() -> None:
+    rng = np.random.default_rng(3)
+    for kind, n in (("flat", 50), ("hnsw", 50), ("ivf", 200)):
+        x = _clustered(rng, n, dim=8)
+        index = GalleryIndex(8, kind=kind, nlist=4)
+        index.add(x, _items(n))
+        np.testing.assert_allclose(index.vectors(), x, atol=1e-6)
+        assert [r["id"] for r in index.records()] == [f"item{i}" for i in range(n)]
+        index.records()[0]["id"] = "changed"  # a copy: the index keeps its own
+        assert index.ids[0] == "item0"
+
+
+def test_save_is_one_switch_and_a_crash_before_it_keeps_the_old_version(tmp_path: Path, monkeypatch) -> None:
+    import cman.index as index_module
+
+    index = GalleryIndex(4)
+    index.add(np.eye(4)[:2], _items(2))
+    index.save(tmp_path / "g")
+    index.add(np.eye(4)[2:3], [{"id": "new"}])
+
+    def crash(*args, **kwargs):
+        raise OSError("simulated crash before the switch")
+
+    monkeypatch.setattr(index_module, "switch_symlink", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        index.save(tmp_path / "g")
+    monkeypatch.undo()
+    assert GalleryIndex.load(tmp_path / "g").ids == ["item0", "item1"]  # the complete old version, untouched
+    index.save(tmp_path / "g")  # the next save supersedes the abandoned version and removes it
+    assert GalleryIndex.load(tmp_path / "g").ids == ["item0", "item1", "new"]
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["CURRENT", "v-3"]
+
+
+def test_legacy_flat_layout_still_loads(tmp_path: Path) -> None:
+    index = GalleryIndex(4)
+    index.add(np.eye(4), _items(4))
+    index.save(tmp_path / "g")
+    legacy = tmp_path / "legacy"
+    GalleryIndex.current_path(tmp_path / "g").rename(legacy)  # index.faiss / items.json / index.json directly
+    assert GalleryIndex.load(legacy).ids == index.ids
+
+
+def test_auto_params_exact_below_threshold_ivf_above() -> None:
+    from cman.index import auto_params
+
+    assert auto_params(1000, exact_max=100_000) == {"kind": "flat"}
+    assert auto_params(1_000_000, exact_max=100_000) == {"kind": "ivf", "nlist": 1024, "nprobe": 128}
+    assert auto_params(200_000, exact_max=100_000, ann_kind="hnsw") == {"kind": "hnsw"}

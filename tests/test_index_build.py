@@ -70,7 +70,7 @@ def test_index_vectors_are_single_modality_embeddings(trained_checkpoint: Path, 
         for item, hit in zip(items, hits, strict=True):
             got, score = hit[0]
             assert score == pytest.approx(1.0, abs=1e-4)
-            stored = index._index.reconstruct(index.ids.index(item.id))
+            stored = index.vectors()[index.ids.index(item.id)]
             assert np.allclose(stored, expected[items.index(item)], atol=1e-4)
             assert got["id"] in index
 
@@ -80,3 +80,76 @@ def test_build_index_errors_name_the_problem(trained_checkpoint: Path, tmp_path:
         build_index(trained_checkpoint, "test", tmp_path / "index", root=tmp_path / "no_data")
     with pytest.raises(FileNotFoundError, match="not a CMAN checkpoint"):
         build_index(tmp_path, "test", tmp_path / "index", root=tmp_path)
+
+
+def test_manifest_path_outside_the_dataset_root_is_refused(trained_checkpoint: Path, demo_root: Path, tmp_path):
+    """A hostile manifest (absolute path / `..`) must not put a file outside the root into served records."""
+    root = tmp_path / "root"
+    for sub in ("images", "audio"):
+        shutil.copytree(demo_root / sub / "test", root / sub / "test")
+    entries = json.loads((demo_root / "metadata" / "test_metadata.json").read_text())[:3]
+    outside = tmp_path / "secret.png"
+    shutil.copy(root / "images" / "test" / Path(entries[0]["image_filename"]).name, outside)
+    entries[1]["image_filename"] = str(outside)
+    (root / "metadata").mkdir()
+    (root / "metadata" / "test_metadata.json").write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match="outside the dataset root"):
+        build_index(trained_checkpoint, "test", tmp_path / "index", root=root)
+
+
+# ---- Ray Data -------------------------------------------------------------------------------------------------
+def _gallery(out: Path) -> dict:
+    from cman.index import open_gallery
+
+    return {m.value: ix for m, ix in open_gallery(out).items()}
+
+
+def test_ray_data_index_equals_single_process_and_resumes_after_a_kill(
+    ray_session, trained_checkpoint: Path, demo_root: Path, tmp_path: Path
+) -> None:
+    """`cman index` on Ray Data: SIGKILLed midway, re-run; no finished shard is recomputed; vectors equal to 1e-5."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    from cman.config import ServeConfig
+    from jobs.build_index import build_index_ray, shard_path
+
+    single, sharded = tmp_path / "single", tmp_path / "ray"
+    build_index(trained_checkpoint, "test", single, root=demo_root)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(repo)}
+    settings = ["serve.index_shard_size=2", "serve.index_batch_size=2", "serve.index_cpus_per_actor=0.5"]
+    cmd = [sys.executable, "-m", "cman.cli", "index", "--config", str(trained_checkpoint / "config.yaml")]
+    cmd += ["--checkpoint", str(trained_checkpoint), "--split", "test", "--out", str(sharded)]
+    cmd += [f"--set=data.root={demo_root}", *(f"--set={s}" for s in settings)]
+    proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not list((sharded / "shards").glob("*/shard-*.npz")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (sharded / "shards").glob("*/shard-*.npz")}
+    total = sum(-(-count // 2) for count in json.loads((single / "index_meta.json").read_text())["counts"].values())
+    assert 0 < len(done) < total, f"the kill should land midway: {len(done)} of {total} shards were done"
+
+    serve = ServeConfig(index_shard_size=2, index_batch_size=2, index_cpus_per_actor=0.5)
+    counts = build_index_ray(trained_checkpoint, "test", sharded, root=demo_root, serve=serve, progress=False)
+    for path, stamp in done.items():  # finished shards were not recomputed (same file, same mtime)
+        assert (path.stat().st_ino, path.stat().st_mtime_ns) == stamp
+    assert len(list((sharded / "shards").glob("*/shard-*.npz"))) == total
+    expected, got = _gallery(single), _gallery(sharded)
+    assert counts == {m: len(ix) for m, ix in expected.items()}
+    for modality, index in expected.items():
+        assert got[modality].ids == index.ids
+        np.testing.assert_allclose(got[modality].vectors(), index.vectors(), atol=1e-5)
+        queries = index.vectors()[:4]
+        assert [[r["id"] for r, _ in hits] for hits in got[modality].search(queries, 5)] == [
+            [r["id"] for r, _ in hits] for hits in index.search(queries, 5)
+        ]
+    assert shard_path(sharded, Modality.TEXT, 0).is_file()

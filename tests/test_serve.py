@@ -22,7 +22,8 @@ import soundfile as sf
 from conftest import SERVE_UPLOAD_MB as UPLOAD_MB
 from conftest import run_serve_app
 
-from cman.index import GalleryIndex
+from cman.index import open_gallery
+from cman.modality import Modality
 
 pytestmark = pytest.mark.ray
 
@@ -36,8 +37,8 @@ def app(served_app: dict):
 
 def distinct_item(index_dir: Path, modality: str) -> tuple[str, dict]:
     """An item whose vector is nearer to itself than to any other by a clear margin (no ties)."""
-    index = GalleryIndex.load(index_dir / modality)
-    vectors = index._index.reconstruct_n(0, len(index))  # (n, dim)
+    index = open_gallery(index_dir)[Modality(modality)]
+    vectors = index.vectors()  # (n, dim)
     sims = vectors @ vectors.T
     np.fill_diagonal(sims, -np.inf)
     margins = 1.0 - sims.max(axis=1)
@@ -121,7 +122,7 @@ def test_composed_query_searches_the_fused_embedding(app) -> None:
     assert abs(np.linalg.norm(vector) - 1) < 1e-4
     image_only = np.asarray(client.post("/embed", files=files).json()["embedding"], dtype=np.float32)
     assert not np.allclose(vector, image_only, atol=1e-4), "the caption did not change the composed embedding"
-    expected = GalleryIndex.load(app["index_dir"] / "image").search(vector[None], 4)[0]
+    expected = open_gallery(app["index_dir"])[Modality.IMAGE].search(vector[None], 4)[0]
     assert [r["id"] for r in body["results"]] == [item["id"] for item, _ in expected]
     assert np.allclose([r["score"] for r in body["results"]], [s for _, s in expected], atol=1e-4)
 
@@ -216,7 +217,7 @@ def _bad_cases(root: Path) -> list[tuple[str, str, dict, dict, int, str]]:
 
 def test_bad_input_gets_json_4xx_and_the_service_survives(app) -> None:
     client = app["client"]
-    existing = GalleryIndex.load(app["index_dir"] / "text").ids[0]
+    existing = open_gallery(app["index_dir"])[Modality.TEXT].ids[0]
     cases = _bad_cases(app["root"])
     assert len(cases) >= 15
     failures = []
@@ -238,14 +239,14 @@ def test_bad_input_gets_json_4xx_and_the_service_survives(app) -> None:
     good = _search(client, "image", text="a large red circle on the left")
     assert good.status_code == 200 and len(good.json()["results"]) == 5
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert "broken" not in GalleryIndex.load(app["index_dir"] / "image")
+    assert "broken" not in open_gallery(app["index_dir"])[Modality.IMAGE]
 
 
 # ---- batching --------------------------------------------------------------------------------------------------------
 def test_concurrent_requests_are_batched(app) -> None:
     client = app["client"]
     assert client.post("/stats/reset").status_code == 200
-    captions = [r["caption"] for r in GalleryIndex.load(app["index_dir"] / "text")._items]
+    captions = [r["caption"] for r in open_gallery(app["index_dir"])[Modality.TEXT].records()]
 
     async def fire() -> list[int]:
         async with httpx.AsyncClient(base_url=str(client.base_url), timeout=120) as aclient:
@@ -280,7 +281,7 @@ def test_added_item_survives_restart(app) -> None:
     )
     assert response.status_code == 200, response.text
     assert sorted(response.json()["added_to"]) == ["audio", "image", "text"]
-    assert (app["index_dir"] / "media" / "added_1.png").read_bytes() == image
+    assert (app["index_dir"] / "media" / "added_1.image.png").read_bytes() == image  # one name per modality
     files = {"image": ("q.png", image, "image/png")}
     assert _search(client, "image", files=files).json()["results"][0]["id"] == "added_1"
 

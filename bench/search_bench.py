@@ -1,0 +1,308 @@
+"""Gallery search at scale: exact (flat) vs IVF (flat / SQ8) vs HNSW, on FAISS, single process, no Ray.
+
+    python bench/search_bench.py --n 1000000 --dim 512                       # clustered synthetic vectors
+    python bench/search_bench.py --n 1000000 --real-index INDEX_DIR          # real CMAN embeddings + noise
+    python bench/search_bench.py --add-cost --sizes 1000 100000 1000000      # time per durable online add
+
+Per index: build time (train + add), memory (RSS growth of this process while the index is built, and the
+index's own size written to disk), queries/s at batch 1 and 32, and recall@10 against exact search (the flat
+index's answers for the same queries). Writes JSON (stdout and `--out`) and, unless `--no-plot`, a recall-vs-QPS
+plot next to it. `--add-cost` times `GalleryStore.add` (WAL append + fsync + in-memory add, what `POST /items` does
+after embedding) on galleries of each size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
+    return x
+
+
+def clustered(n: int, dim: int, n_clusters: int, spread: float, seed: int) -> np.ndarray:
+    """`n` unit vectors around `n_clusters` random unit centres (Gaussian spread per coordinate / sqrt(dim))."""
+    rng = np.random.default_rng(seed)
+    centres = normalise(rng.standard_normal((n_clusters, dim), dtype=np.float32))
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 100_000):
+        stop = min(n, start + 100_000)
+        block = centres[rng.integers(0, n_clusters, stop - start)]
+        block += rng.standard_normal(block.shape, dtype=np.float32) * (spread / np.sqrt(dim))
+        out[start:stop] = normalise(block)
+    return out
+
+
+def replicated(base: np.ndarray, n: int, spread: float, seed: int) -> np.ndarray:
+    """`n` noisy copies of the real embeddings in `base` (round-robin), re-normalised."""
+    rng = np.random.default_rng(seed)
+    dim = base.shape[1]
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 100_000):
+        stop = min(n, start + 100_000)
+        block = base[np.arange(start, stop) % len(base)].copy()
+        block += rng.standard_normal(block.shape, dtype=np.float32) * (spread / np.sqrt(dim))
+        out[start:stop] = normalise(block)
+    return out
+
+
+def real_vectors(index_dir: str) -> np.ndarray:
+    """Every vector of every modality of an index directory written by `cman index` (real CMAN embeddings)."""
+    from cman.index import open_gallery
+
+    gallery = open_gallery(index_dir)
+    return np.concatenate([g.vectors() for g in gallery.values()]).astype(np.float32)
+
+
+def qps(index: faiss.Index, queries: np.ndarray, k: int, batch: int, budget_s: float) -> float:
+    """Queries per second at `batch` queries per call, over at most `budget_s` seconds (at least one call)."""
+    done, start = 0, time.perf_counter()
+    while done < len(queries):
+        index.search(queries[done : done + batch], k)
+        done += batch
+        if time.perf_counter() - start > budget_s:
+            break
+    return min(done, len(queries)) / (time.perf_counter() - start)
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(set(f[:k]) & set(t)) / k for f, t in zip(found, truth, strict=True)]))
+
+
+def index_size(index: faiss.Index) -> int:
+    with tempfile.NamedTemporaryFile(dir=RESULTS) as f:
+        faiss.write_index(index, f.name)
+        return os.path.getsize(f.name)
+
+
+def build(spec: dict, data: np.ndarray) -> tuple[faiss.Index, float, int]:
+    """The faiss index for `spec`, its build seconds and the RSS growth while building."""
+    gc.collect()
+    rss0, start = rss_bytes(), time.perf_counter()
+    dim, kind = data.shape[1], spec["kind"]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, spec["m"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = spec["ef_construction"]
+    else:
+        quantizer = faiss.IndexFlatIP(dim)
+        if kind == "ivf_sq8":
+            index = faiss.IndexIVFScalarQuantizer(
+                quantizer, dim, spec["nlist"], faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+            )
+        else:
+            index = faiss.IndexIVFFlat(quantizer, dim, spec["nlist"], faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(0).choice(len(data), min(len(data), spec["nlist"] * 40), replace=False)
+        index.train(data[np.sort(sample)])
+        index.quantizer_trains_alone = 0
+    for start_row in range(0, len(data), 200_000):
+        index.add(data[start_row : start_row + 200_000])
+    return index, time.perf_counter() - start, rss_bytes() - rss0
+
+
+def settings(spec: dict) -> list[tuple[str, int]]:
+    if spec["kind"] == "hnsw":
+        return [("ef_search", v) for v in spec["ef_search"]]
+    if spec["kind"].startswith("ivf"):
+        return [("nprobe", v) for v in spec["nprobe"]]
+    return [("exact", 0)]
+
+
+def apply(index: faiss.Index, name: str, value: int) -> None:
+    if name == "ef_search":
+        index.hnsw.efSearch = value
+    elif name == "nprobe":
+        index.nprobe = value
+
+
+def run_dataset(name: str, data: np.ndarray, queries: np.ndarray, specs: list[dict], args) -> dict:
+    k = 10
+    rows, truth, exact_qps1 = [], None, None
+    for spec in specs:
+        index, build_s, rss = build(spec, data)
+        size = index_size(index)
+        for param, value in settings(spec):
+            apply(index, param, value)
+            found = index.search(queries, k)[1]
+            if truth is None:
+                truth = found
+            row = {
+                "dataset": name,
+                "index": spec["kind"],
+                "params": {key: v for key, v in spec.items() if key not in ("kind", "ef_search", "nprobe")},
+                param: value,
+                "build_s": round(build_s, 2),
+                "rss_growth_mb": round(rss / 2**20, 1),
+                "index_mb": round(size / 2**20, 1),
+                "recall_at_10": round(recall_at(found, truth), 4),
+                "qps_batch1": round(qps(index, queries, k, 1, args.time_budget), 1),
+                "qps_batch32": round(qps(index, queries, k, 32, args.time_budget), 1),
+            }
+            if exact_qps1 is None:
+                exact_qps1 = row["qps_batch1"]
+            row["speedup_batch1"] = round(row["qps_batch1"] / exact_qps1, 2)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        del index
+        gc.collect()
+    return {"dataset": name, "n": len(data), "dim": data.shape[1], "queries": len(queries), "rows": rows}
+
+
+def specs(n: int, kinds: list[str]) -> list[dict]:
+    """The index specs benchmarked (flat first: it is the exact reference)."""
+    return [spec for spec in default_specs(n) if spec["kind"] == "flat" or spec["kind"] in kinds]
+
+
+def default_specs(n: int) -> list[dict]:
+    nlist = int(max(16, min(1024, 2 ** round(np.log2(np.sqrt(n))))))  # 1M: 1024 lists of ~1000
+    return [
+        {"kind": "flat"},
+        {"kind": "ivf_flat", "nlist": nlist, "nprobe": [8, 16, 32, 64, 128]},
+        {"kind": "ivf_sq8", "nlist": nlist, "nprobe": [16, 32, 64, 128]},
+        {"kind": "hnsw", "m": 16, "ef_construction": 40, "ef_search": [32, 64, 128, 256]},
+    ]
+
+
+def add_cost(sizes: list[int], dim: int, adds: int) -> list[dict]:
+    """Seconds per `GalleryStore.add` (WAL fsync + in-memory add) with a gallery of each size already loaded."""
+    from cman.index import GalleryIndex
+    from serve_app.gallery_store import GalleryStore
+
+    rows = []
+    for size in sizes:
+        with tempfile.TemporaryDirectory(dir=RESULTS) as tmp:
+            index = GalleryIndex(dim, kind="flat")
+            data = clustered(size, dim, 256, 0.5, seed=size)
+            for start in range(0, size, 100_000):
+                stop = min(size, start + 100_000)
+                index.add(data[start:stop], [{"id": f"g{i}"} for i in range(start, stop)])
+            del data
+            store = GalleryStore(tmp, {"image": index}, compact_every=10**9)
+            new = clustered(adds, dim, 4, 0.5, seed=1)
+            times = []
+            for i in range(adds):
+                start = time.perf_counter()
+                store.add({"image": new[i]}, {"id": f"new{i}", "caption": f"added {i}"})
+                times.append(time.perf_counter() - start)
+            store.close()
+            row = {
+                "gallery_size": size,
+                "adds": adds,
+                "median_ms": round(1000 * float(np.median(times)), 3),
+                "p90_ms": round(1000 * float(np.percentile(times, 90)), 3),
+            }
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            del index, store
+            gc.collect()
+    return rows
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, result in zip(axes[0], results, strict=True):
+        for kind in dict.fromkeys(r["index"] for r in result["rows"]):
+            rows = [r for r in result["rows"] if r["index"] == kind]
+            ax.plot([r["recall_at_10"] for r in rows], [r["qps_batch1"] for r in rows], "o-", label=kind)
+        ax.set_yscale("log")
+        ax.set_xlabel("recall@10 vs exact")
+        ax.set_ylabel("queries/s (batch 1)")
+        ax.set_title(f"{result['dataset']}: n={result['n']:,} dim={result['dim']}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=100_000, help="gallery size")
+    p.add_argument("--dim", type=int, default=512, help="vector dimension (synthetic)")
+    p.add_argument("--queries", type=int, default=500, help="query count (recall and QPS)")
+    p.add_argument("--clusters", type=int, default=10000, help="synthetic: cluster count")
+    p.add_argument("--spread", type=float, default=1.0, help="noise norm around a cluster centre / real vector")
+    p.add_argument("--real-index", help="index dir from `cman index`: benchmark its vectors replicated with noise")
+    p.add_argument("--no-synthetic", action="store_true", help="only the --real-index set")
+    p.add_argument("--kinds", nargs="+", default=["ivf_flat", "ivf_sq8", "hnsw"], help="ANN indexes to run")
+    p.add_argument("--time-budget", type=float, default=8.0, help="seconds per QPS measurement at most")
+    p.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (0: faiss default)")
+    p.add_argument("--add-cost", action="store_true", help="time durable online adds instead of searches")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 100_000, 1_000_000], help="--add-cost sizes")
+    p.add_argument("--adds", type=int, default=200, help="--add-cost: adds timed per size")
+    p.add_argument("--out", help="JSON path (default bench/results/search_<n>_<time>.json)")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+    meta = {
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {_cpu_name()}",
+        "faiss": faiss.__version__,
+        "omp_threads": faiss.omp_get_max_threads(),
+        "load_avg_start": os.getloadavg(),
+    }
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.add_cost:
+        out = {**meta, "add_cost": add_cost(args.sizes, args.dim, args.adds)}
+        path = Path(args.out or RESULTS / f"add_cost_{stamp}.json")
+    else:
+        results = []
+        rng = np.random.default_rng(123)
+        if not args.no_synthetic:
+            data = clustered(args.n + args.queries, args.dim, args.clusters, args.spread, seed=0)
+            queries, data = data[: args.queries].copy(), data[args.queries :]
+            results.append(run_dataset("clustered synthetic", data, queries, specs(args.n, args.kinds), args))
+            del data
+        if args.real_index:
+            base = real_vectors(args.real_index)
+            data = replicated(base, args.n, args.spread, seed=1)
+            queries = replicated(base[rng.permutation(len(base))], args.queries, args.spread, seed=2)
+            name = f"real CMAN embeddings ({len(base)}) + noise"
+            results.append(run_dataset(name, data, queries, specs(args.n, args.kinds), args))
+        out = {**meta, "results": results}
+        path = Path(args.out or RESULTS / f"search_{args.n}_{stamp}.json")
+        if not args.no_plot and results:
+            plot(results, path.with_suffix(".png"))
+    out["load_avg_end"] = os.getloadavg()
+    path.write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
