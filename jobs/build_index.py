@@ -187,20 +187,6 @@ def _row_item(batch: dict[str, np.ndarray], i: int) -> Item:
     )
 
 
-def connect_ray(address: str | None) -> None:
-    """Connect to `address` / RAY_ADDRESS or start a local Ray (the one place this job starts Ray)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "PYTHONPATH") if k in os.environ}
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}}
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        kwargs["include_dashboard"] = False
-    ray.init(address=address, **kwargs)
-
-
 def shard_path(out_dir: Path, modality: Modality, shard: int) -> Path:
     return out_dir / "shards" / modality.value / f"shard-{shard:05d}.npz"
 
@@ -227,7 +213,9 @@ def build_index_ray(
     meta = json.loads((checkpoint / "metadata.json").read_text())
     data_root = _data_root(root, _checkpoint_config(checkpoint))
     items = load_split(data_root, split)
-    connect_ray(address)
+    from jobs import cluster
+
+    cluster.connect(address)
     size = serve.index_shard_size
     plan: dict[Modality, list[list[Item]]] = {}
     for modality in (Modality(m) for m in meta["base_models"]):
