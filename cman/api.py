@@ -27,6 +27,29 @@ CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc model's artifact key (jobs/mlfl
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:/")  # models:/..., runs:/..., s3://..., mlflow-artifacts:/...
 
 
+# ---- bundled configs ------------------------------------------------------------------------------------------------
+def bundled_config(name: str) -> Path:
+    """A config shipped with CMAN (`demo`, `default`, `minimal`, `digits`, with or without `.yaml`).
+
+    In a source checkout it is the repository's `configs/` file; in an installed wheel the package data
+    `cman.configs` (found with importlib.resources).
+    """
+    from importlib import resources
+
+    filename = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / "pyproject.toml").is_file() and (repo / "configs" / filename).is_file():
+        return repo / "configs" / filename
+    try:
+        package = resources.files("cman.configs")
+    except ModuleNotFoundError:
+        package = None
+    if package is None or not (package / filename).is_file():
+        known = sorted(p.name for p in package.iterdir() if p.name.endswith(".yaml")) if package else []
+        raise FileNotFoundError(f"no config {name!r} is bundled with cman (bundled: {known})")
+    return Path(str(package / filename))
+
+
 # ---- checkpoints and MLflow model URIs -----------------------------------------------------------------------------
 def is_model_uri(source: str | Path) -> bool:
     """True for an MLflow / remote URI (`models:/cman@champion`, `runs:/<id>/model`, `s3://...`), not a local path."""
