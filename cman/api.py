@@ -250,7 +250,7 @@ class Gallery:
 
     def search(self, query_embedding: np.ndarray, target: str | Modality, k: int = 10) -> list[Any]:
         """Top-`k` items of the `target` gallery, best first; a (n, dim) query gives one list per row."""
-        target = Modality(target).value if target in set(ALL_MODALITIES) else str(target)
+        target = target.value if isinstance(target, Modality) else str(target)
         if target not in self.indexes:
             raise ValueError(f"unknown target {target!r}: this gallery has {self.targets}")
         if int(k) < 1:

@@ -82,12 +82,12 @@ def _records(model_input: Any) -> list[dict[str, Any]]:
 class CMANPyfunc(PythonModel):
     """Embeds each row's text / audio / image (any non-empty subset: a composed query) with the logged checkpoint."""
 
-    def load_context(self, context: Any) -> None:
+    def load_context(self, context) -> None:  # context: MLflow PythonModelContext
         from cman.models.cman import CMAN
 
         self.model = CMAN.from_pretrained(context.artifacts[CHECKPOINT_ARTIFACT])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context, model_input, params=None):  # no type hints: the signature is given explicitly
         rows = _records(model_input)
         groups: dict[tuple[str, ...], list[int]] = {}
         parsed: list[dict[str, Any]] = []

@@ -106,6 +106,15 @@ def test_champion_loads_in_a_fresh_process_with_the_same_embeddings(
     # the model's own copy of the cman package was imported (code_paths), not the source tree
     assert "/code/cman/" in proc.stdout.strip().splitlines()[-1], proc.stdout
 
+    # the same URI through CMAN's own API (what `cman serve --model models:/cman@champion` resolves)
+    from cman import CMAN
+    from cman.api import resolve_checkpoint
+
+    local = resolve_checkpoint("models:/cman@champion", tracking_uri=registry_store["uri"])
+    assert (local / "heads.safetensors").read_bytes() == (trained_checkpoint / "heads.safetensors").read_bytes()
+    model = CMAN.from_pretrained("models:/cman@champion")  # MLflow's current tracking URI (set by the fixture)
+    np.testing.assert_allclose(model.embed(**queries["expected_kwargs"][0]), got[0], atol=1e-5)
+
     info = Model.load(f"runs:/{registry_store['run_id']}/model")
     assert [c["name"] for c in info.signature.inputs.to_dict()] == ["text", "audio", "image"]
     assert info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 512]
