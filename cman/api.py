@@ -107,9 +107,9 @@ def _is_batch(value: Any) -> bool:
     return isinstance(value, list | tuple)
 
 
-def _load_audio(processor: Any, value: Any, sample_rate: int | None, where: str) -> np.ndarray:
+def _load_audio(processor: Any, value: Any, sample_rate: int | None, where: str, item_id: str | None) -> np.ndarray:
     if isinstance(value, str | Path | bytes):
-        return processor.load(value if isinstance(value, bytes) else str(value), item_id=where)
+        return processor.load(value if isinstance(value, bytes) else str(value), item_id=item_id)
     wave = np.asarray(value, dtype=np.float32)
     if wave.ndim != 1:
         raise ValueError(f"{where}: a waveform must be a 1-D mono float array, got shape {wave.shape}")
@@ -124,25 +124,26 @@ def _load_audio(processor: Any, value: Any, sample_rate: int | None, where: str)
     return np.ascontiguousarray(wave[: int(processor.max_seconds * processor.sampling_rate)])
 
 
-def _load_image(processor: Any, value: Any, where: str) -> Any:
+def _load_image(processor: Any, value: Any, where: str, item_id: str | None) -> Any:
     from PIL import Image
 
     if isinstance(value, Image.Image):
         return value.convert("RGB")
     if isinstance(value, str | Path | bytes):
-        return processor.load(value if isinstance(value, bytes) else str(value), item_id=where)
+        return processor.load(value if isinstance(value, bytes) else str(value), item_id=item_id)
     raise ValueError(f"{where}: expected a path, bytes or a PIL image, got {type(value).__name__}")
 
 
 def _load(model: CMAN, modality: Modality, value: Any, sample_rate: int | None, where: str) -> Any:
     processor = model.processors[modality]
+    item_id = where if "[" in where else None  # a batch row is named in decoding errors: "(item image[2])"
     if modality == Modality.AUDIO:
-        return _load_audio(processor, value, sample_rate, where)
+        return _load_audio(processor, value, sample_rate, where, item_id)
     if modality == Modality.IMAGE:
-        return _load_image(processor, value, where)
+        return _load_image(processor, value, where, item_id)
     if not isinstance(value, str):
         raise ValueError(f"{where}: expected a string, got {type(value).__name__}")
-    return processor.load(value, item_id=where)
+    return processor.load(value, item_id=item_id)
 
 
 def _rows(model: CMAN, given: dict[Modality, Any]) -> tuple[dict[Modality, list[Any]], bool]:

@@ -82,7 +82,8 @@ def _json_rows(rows: list[dict]) -> list[dict]:
 
 
 def _env(uri: str) -> dict[str, str]:
-    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # uvicorn of this venv
+    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "PATH": path}
 
 
 def test_champion_loads_in_a_fresh_process_with_the_same_embeddings(
@@ -117,7 +118,7 @@ def test_champion_loads_in_a_fresh_process_with_the_same_embeddings(
 
     info = Model.load(f"runs:/{registry_store['run_id']}/model")
     assert [c["name"] for c in info.signature.inputs.to_dict()] == ["text", "audio", "image"]
-    assert info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 512]
+    assert list(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 512]
     assert info.saved_input_example_info is not None
 
 
