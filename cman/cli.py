@@ -25,7 +25,9 @@ EXAMPLES = """examples:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument(
+        "--config", required=True, help="YAML config file, or a bundled one by name: demo, default, minimal, digits"
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -36,6 +38,21 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _flag(p: argparse.ArgumentParser, name: str, **kwargs: Any) -> argparse.Action:
+    """A dash-style option; its underscore spelling (`--output_dir`, earlier releases) is accepted but hidden."""
+    action = p.add_argument(name, **kwargs)
+    if "_" not in name and "-" in name[2:]:
+        alias = {k: v for k, v in kwargs.items() if k in ("action", "type", "choices", "nargs", "metavar")}
+        p.add_argument(
+            "--" + name[2:].replace("-", "_"),
+            dest=action.dest,
+            default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+            **alias,
+        )
+    return action
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cman",
@@ -44,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("--version", action="version", version=f"cman {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo-data", help="write the embedded offline tri-modal dataset")
@@ -60,9 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
     p = dsub.add_parser("import-digits", help="real spoken digits (FSDD) + handwritten digits + number words")
     p.add_argument("out_dir")
-    p.add_argument("--fsdd", default="../shared/data/fsdd", help="FSDD directory (with recordings/)")
-    p.add_argument("--test-speakers", default="theo", help="comma-separated speakers held out for test")
-    p.add_argument("--val-speakers", default="george", help="comma-separated speakers for validation")
+    p.add_argument(
+        "--fsdd",
+        required=True,
+        metavar="DIR",
+        help="a copy of the Free Spoken Digit Dataset (its recordings/ folder inside; "
+        "https://github.com/Jakobovski/free-spoken-digit-dataset, CC BY-SA 4.0)",
+    )
+    _flag(p, "--test-speakers", default="theo", help="comma-separated speakers held out for test")
+    _flag(p, "--val-speakers", default="george", help="comma-separated speakers for validation")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_import_digits)
     p = dsub.add_parser("import-coco", help="COCO-style photos with 5 captions each (+ espeak-ng spoken captions)")
@@ -73,27 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model (Ray Train; --in-process for a plain loop)")
     _config_args(p)
-    p.add_argument("--output_dir", "--output-dir", dest="output_dir")
-    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int)
+    _flag(p, "--output-dir", help="where checkpoints, metrics and the MLflow store go (default: config's)")
+    _flag(p, "--batch-size", type=int, help="per-worker training batch size (training.batch_size)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--debug", action="store_true", help="tiny run: 2 epochs on 64 items per split")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--in-process", action="store_true", help="train in this process without Ray")
-    p.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT_DIR holds a run")
+    _flag(p, "--in-process", action="store_true", help="train in this process without Ray")
+    _flag(p, "--no-resume", action="store_true", help="start over even if OUTPUT_DIR holds a run")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="six-direction retrieval metrics of a checkpoint")
     _config_args(p)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="test")
-    p.add_argument("--output_dir", "--output-dir", dest="output_dir")
+    _flag(p, "--output-dir", help="where eval_<split>.json goes (default: the config's output_dir)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("tune", help="Ray Tune + Optuna sweep over LoRA rank/alpha, margin and learning rate")
     _config_args(p)
-    p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int)
-    p.add_argument("--max-concurrent", "--max_concurrent", dest="max_concurrent", type=int)
-    p.add_argument("--output_dir", "--output-dir", dest="output_dir")
+    _flag(p, "--num-samples", type=int, help="number of trials (tune.num_samples)")
+    _flag(p, "--max-concurrent", type=int, help="trials running at once (tune.max_concurrent)")
+    _flag(p, "--output-dir", help="sweep directory (default: the config's output_dir)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in OUTPUT_DIR")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=cmd_tune)
@@ -108,7 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("serve", help="serve HTTP search (Ray Serve) over a checkpoint and an index")
-    p.add_argument("--checkpoint", help="default: the quickstart output or MLflow's cman@champion")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--checkpoint", help="checkpoint directory (default: the quickstart output, else MLflow's cman@champion)"
+    )
+    source.add_argument(
+        "--model",
+        metavar="URI",
+        help="an MLflow model (models:/cman@champion, runs:/<run_id>/model; store: MLFLOW_TRACKING_URI) or a directory",
+    )
     p.add_argument("--index", help="index directory (default: the quickstart index)")
     p.add_argument("--config", help="config whose `serve:` section sets batching/limits (default: checkpoint's)")
     p.add_argument("--host", default="127.0.0.1")
@@ -116,9 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("quickstart", help="the main job, offline: demo-data -> tune -> index -> serve")
-    p.add_argument("--output_dir", "--output-dir", dest="output_dir", default="outputs/quickstart")
-    p.add_argument("--num-samples", dest="num_samples", type=int, default=None, help="sweep trials (default 4)")
-    p.add_argument("--no-serve", action="store_true", help="stop after the index (no HTTP service)")
+    _flag(p, "--output-dir", default="outputs/quickstart", help="everything goes here (default outputs/quickstart)")
+    _flag(p, "--num-samples", type=int, default=None, help="sweep trials (default 4)")
+    _flag(p, "--no-serve", action="store_true", help="stop after the index (no HTTP service)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the bundled demo config, e.g. --set training.epochs=2 (repeatable)",
+    )
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_quickstart)
     return parser
@@ -130,7 +170,19 @@ def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None):
 
     overrides: dict[str, Any] = dict(parse_override(item) for item in args.overrides)
     overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
-    return load_config(args.config, overrides)
+    return load_config(_config_path(args.config), overrides)
+
+
+def _config_path(name: str) -> str | Path:
+    """A config file, or the name of a bundled one (`--config demo`) when no such file exists."""
+    if Path(name).exists() or "/" in name:
+        return name
+    from cman.api import bundled_config
+
+    try:
+        return bundled_config(name)
+    except FileNotFoundError:
+        return name  # load_config names the missing file
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -256,18 +308,38 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from serve_app.run import serve_forever
 
-    serve_forever(checkpoint=args.checkpoint, index=args.index, config=args.config, host=args.host, port=args.port)
+    checkpoint = args.checkpoint
+    if args.model:
+        from cman.api import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(args.model)
+        print(f"serving {args.model} (checkpoint {checkpoint})")
+    serve_forever(checkpoint=checkpoint, index=args.index, config=args.config, host=args.host, port=args.port)
     return 0
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
+    from cman.config import parse_override
     from jobs.quickstart import quickstart
 
-    quickstart(Path(args.output_dir), num_samples=args.num_samples, serve=not args.no_serve, port=args.port)
+    overrides = dict(parse_override(item) for item in args.overrides)
+    quickstart(
+        Path(args.output_dir),
+        num_samples=args.num_samples,
+        serve=not args.no_serve,
+        port=args.port,
+        overrides=overrides,
+    )
     return 0
 
 
 # ---- entry point ---------------------------------------------------------------------------------------------------
+def _version() -> str:
+    from cman import __version__
+
+    return __version__
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("transformers", "huggingface_hub", "peft", "urllib3", "filelock", "tensorboardX"):

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cman.api import bundled_config
 from cman.config import CMANConfig, load_config
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+DEMO_CONFIG = bundled_config("demo.yaml")  # the repo's configs/demo.yaml, or the installed package data
 
 
 def ensure_dataset(data_dir: Path, counts: dict[str, int] | None = None) -> None:

@@ -65,14 +65,14 @@ def test_any_subset_gives_normalised_embedding(tiny):
     with torch.no_grad():
         for r in (1, 2, 3):
             for subset in itertools.combinations(ALL_MODALITIES, r):
-                emb = model.embed({m: batch[m] for m in subset})  # (2, 16)
+                emb = model.embed_features({m: batch[m] for m in subset})  # (2, 16)
                 assert emb.shape == (2, 16)
                 torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
                 seen.append(emb)
     # different subsets give different embeddings (modality-type embeddings and tokens matter)
     assert not torch.allclose(seen[0], seen[-1])
     with pytest.raises(ValueError, match="at least one modality"):
-        model.embed({})
+        model.embed_features({})
 
 
 def test_checkpoint_round_trip_identical_embeddings(tiny, tmp_path):
@@ -85,7 +85,7 @@ def test_checkpoint_round_trip_identical_embeddings(tiny, tmp_path):
     batch = _batch(model, tiny["media"])
     with torch.no_grad():
         before = model(batch)
-        composed = model.embed(batch)
+        composed = model.embed_features(batch)
     model.save_pretrained(tmp_path / "ckpt", metadata={"epoch": 3})
     files = {p.relative_to(tmp_path / "ckpt").as_posix() for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
     assert "encoders/text/adapter/adapter_model.safetensors" in files
@@ -95,7 +95,7 @@ def test_checkpoint_round_trip_identical_embeddings(tiny, tmp_path):
     loaded = CMAN.from_pretrained(tmp_path / "ckpt")
     with torch.no_grad():
         after = loaded(_batch(loaded, tiny["media"]))
-        composed_after = loaded.embed(_batch(loaded, tiny["media"]))
+        composed_after = loaded.embed_features(_batch(loaded, tiny["media"]))
     for modality in ALL_MODALITIES:
         torch.testing.assert_close(after[modality], before[modality], atol=1e-6, rtol=0)
     torch.testing.assert_close(composed_after, composed, atol=1e-6, rtol=0)

@@ -6,7 +6,6 @@ Only the Tune driver process talks to MLflow (trial workers never do), so a sqli
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, ViewType
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model
 from ray.tune import Callback
 
 from jobs.tracking import metric_name, resolve_tracking_uri
@@ -158,14 +156,10 @@ def trial_runs(client: MlflowClient, experiment_id: str) -> dict[str, str]:
 
 # ---- model registry --------------------------------------------------------------------------------------------
 def log_checkpoint(client: MlflowClient, run_id: str, checkpoint: Path) -> str:
-    """Log `checkpoint` as the run's `model/` artifacts (plus an MLmodel file so it can be registered)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        model = Model(run_id=run_id, artifact_path="model")
-        model.add_flavor("cman", loader="cman.models.cman.CMAN.from_pretrained", checkpoint_format="cman")
-        model.save(str(Path(tmp) / "MLmodel"))
-        client.log_artifacts(run_id, str(checkpoint), "model")
-        client.log_artifact(run_id, str(Path(tmp) / "MLmodel"), "model")
-    return f"runs:/{run_id}/model"
+    """Log `checkpoint` as the run's pyfunc model `model/` (jobs/mlflow_model.py), ready to register."""
+    from jobs.mlflow_model import log_cman_model
+
+    return log_cman_model(client, run_id, checkpoint, "model")
 
 
 def champion(client: MlflowClient) -> Any | None:

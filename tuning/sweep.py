@@ -186,7 +186,7 @@ def _check_output_dir(output_dir: Path, resume: bool) -> None:
     if not resume and experiment.exists():
         raise ValueError(
             f"{output_dir} already holds a sweep ({experiment}): pass --resume to continue it, "
-            "or choose another --output_dir"
+            "or choose another --output-dir"
         )
 
 
@@ -352,7 +352,7 @@ def run_sweep(
         if finished < config.tune.num_samples:
             raise RuntimeError(
                 f"sweep interrupted after {finished}/{config.tune.num_samples} trials; continue it with "
-                f"`cman tune --config ... --output_dir {output_dir} --resume`"
+                f"`cman tune --config ... --output-dir {output_dir} --resume`"
             )
         summary = _finish(config, output_dir, results, mlflow_state)
     finally:

@@ -50,9 +50,15 @@ class CMAN(nn.Module):
     def fuse(self, streams: dict[Modality, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         return self.fusion(streams)  # (batch, embedding_dim)
 
-    def embed(self, inputs: dict[Modality, Features]) -> torch.Tensor:
+    def embed_features(self, inputs: dict[Modality, Features]) -> torch.Tensor:
         """A composed embedding of all modalities in `inputs` (same batch size each). # (batch, embedding_dim)"""
         return self.fuse({Modality(m): self.encode(m, feats) for m, feats in inputs.items()})
+
+    def embed(self, text: Any = None, audio: Any = None, image: Any = None, **kwargs: Any) -> Any:
+        """L2-normalised numpy embedding(s) of raw text / audio / image (any non-empty subset); see `cman.api.embed`."""
+        from cman.api import embed
+
+        return embed(self, text=text, audio=audio, image=image, **kwargs)
 
     def forward(self, inputs: dict[Modality, Features]) -> dict[Modality, torch.Tensor]:
         """Each modality embedded on its own: modality → (batch_m, embedding_dim)."""
@@ -146,12 +152,17 @@ class CMAN(nn.Module):
     def from_pretrained(
         cls, directory: str | Path, trainable: bool = False, modalities: Iterable[Modality | str] | None = None
     ) -> CMAN:
-        """Load a checkpoint written by `save_pretrained`; nothing else is needed.
+        """Load a checkpoint written by `save_pretrained` (a directory, or an MLflow URI such as
+        `models:/cman@champion` / `runs:/<id>/model`, resolved by `cman.api.resolve_checkpoint`).
 
         `modalities` loads only those encoders (backbone, adapters, processor) besides the fusion transformer:
         a Serve encoder replica loads its own, the Retriever loads `[]` (fusion + projections only).
         """
-        directory = Path(directory)
+        from cman.api import is_model_uri, resolve_checkpoint
+
+        directory = resolve_checkpoint(directory) if is_model_uri(directory) else Path(directory)
+        if not (directory / "metadata.json").is_file() and (directory / "MLmodel").is_file():
+            directory = resolve_checkpoint(directory)  # an MLflow model directory holding a checkpoint
         meta_path = directory / "metadata.json"
         if not meta_path.is_file() or not (directory / "config.yaml").is_file():
             raise FileNotFoundError(f"{directory} is not a CMAN checkpoint (no metadata.json / config.yaml)")
