@@ -213,13 +213,6 @@ def embed(
 
 
 # ---- in-process gallery search -------------------------------------------------------------------------------------
-def _load_index(directory: Path) -> GalleryIndex:
-    """The one place an on-disk gallery index is read (repoint here if the index format changes)."""
-    from cman.index import GalleryIndex
-
-    return GalleryIndex.load(directory)
-
-
 class Gallery:
     """The gallery indexes of an index directory (`cman index --out DIR`: DIR/<modality>/), searched in-process.
 
@@ -236,7 +229,9 @@ class Gallery:
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"index directory {directory} not found; build it with `cman index --out DIR`")
-        indexes = {m.value: _load_index(directory / m.value) for m in ALL_MODALITIES if (directory / m.value).is_dir()}
+        from cman.index import open_gallery  # snapshots + write-ahead log: what the Retriever serves
+
+        indexes = {m.value: index for m, index in open_gallery(directory).items()}
         if not indexes:
             names = ", ".join(m.value for m in ALL_MODALITIES)
             raise FileNotFoundError(f"{directory} holds no gallery index (no {names} subdirectory)")
