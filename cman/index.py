@@ -129,15 +129,15 @@ class GalleryIndex:
     def _check_items(self, items: Sequence[dict[str, Any]], n: int) -> list[str]:
         if len(items) != n:
             raise ValueError(f"add() got {n} embeddings but {len(items)} items; pass one item per row")
-        ids: list[str] = []
+        ids: dict[str, None] = {}  # insertion-ordered set: O(1) duplicate checks (a 1M-item add was quadratic)
         for i, item in enumerate(items):
             if not isinstance(item, dict) or "id" not in item:
                 raise ValueError(f"item {i} must be a dict with an 'id' key, got {item!r:.80}")
             item_id = str(item["id"])
             if item_id in self._pos or item_id in ids:
                 raise ValueError(f"duplicate item id {item_id!r}: ids must be unique in the index")
-            ids.append(item_id)
-        return ids
+            ids[item_id] = None
+        return list(ids)
 
     # ----------------------------------------------------------------- public API
     def add(self, embeddings: np.ndarray, items: Sequence[dict[str, Any]]) -> None:
