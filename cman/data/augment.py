@@ -40,8 +40,8 @@ def real_length(values: torch.Tensor) -> int:
     same = (values == values[-1]).all(dim=1)  # (frames,)
     if not bool(same[:-1].any()):
         return frames
-    run = int(torch.flip(same, [0]).int().cumprod(0).sum())
-    return max(1, frames - run + 1) if run < frames else frames
+    run = int(torch.flip(same, [0]).int().cumprod(0).sum())  # trailing frames equal to the last one
+    return max(1, frames - run)
 
 
 class AudioAugment:
