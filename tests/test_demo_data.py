@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from cman.data.dataset import load_split
 from cman.data.demo import (
     ALL_SCENES,
     PARAPHRASE_SPLIT,
@@ -18,7 +19,6 @@ from cman.data.demo import (
     SPLITS,
     generate_demo_dataset,
 )
-from cman.data.dataset import load_split
 from cman.data.tts import VOICES, synthesize
 
 COUNTS = {"train": 12, "val": 4, "test": 8}
@@ -110,7 +110,10 @@ def test_paraphrase_split_rewords_test_with_unseen_words(demo_runs: dict[str, Pa
     for orig, new in zip(test, para, strict=True):
         assert new["group"] == orig["group"] and new["caption"] != orig["caption"]
         for key, sub in (("audio_filename", "audio"), ("image_filename", "images")):  # same media as test
-            assert (root / sub / PARAPHRASE_SPLIT / new[key]).read_bytes() == (root / sub / "test" / orig[key]).read_bytes()
+            same = (root / sub / PARAPHRASE_SPLIT / new[key]).read_bytes() == (
+                root / sub / "test" / orig[key]
+            ).read_bytes()
+            assert same
         assert _words(new["caption"]) & seen <= function_words, new["caption"]
         # every attribute of the group is named by one of its synonyms
         size, color, shape, position = orig["group"].split("-")

@@ -103,7 +103,8 @@ def test_same_architecture_other_weights_is_refused_by_hash(tmp_path: Path) -> N
     config = pretrained_config(dirs)
     model = build_model(config)
     meta = json.loads((model.save_pretrained(tmp_path / "ckpt") / "metadata.json").read_text())
-    assert meta["base_models"]["text"]["saved_base"] is False and len(meta["base_models"]["text"]["weights_sha256"]) == 64
+    text = meta["base_models"]["text"]
+    assert text["saved_base"] is False and len(text["weights_sha256"]) == 64
     CMAN.from_pretrained(tmp_path / "ckpt")  # the same base loads
     from transformers import AutoModel
 

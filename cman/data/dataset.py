@@ -108,7 +108,6 @@ class CMANDataset(Dataset):
         self._cache: dict[int, dict[str, Any] | None] | None = {} if cache else None
         self.augment = augment  # training only (cman.data.augment): applied after the caches, on a copy
 
-
     def __len__(self) -> int:
         return len(self.items)
 
