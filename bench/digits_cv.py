@@ -57,8 +57,8 @@ def run_fold(fold: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
     work = Path(args.work_dir) / fold["test"]
     counts = import_digits(
+        args.fsdd,
         work / "data",
-        fsdd_dir=args.fsdd,
         test_speakers=[fold["test"]],
         val_speakers=[fold["val"]],
         limit_per_speaker_digit=args.limit,

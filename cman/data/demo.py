@@ -60,7 +60,7 @@ TEMPLATES: tuple[str, ...] = (
 )
 # `test_paraphrase`: the test split's images and audio, captions reworded with words and sentence shapes that never
 # occur in training (nor in val/test): synonyms for every attribute and new sentence forms (passive, questions,
-# fronted places). Only function words ("a", "the", "is") are shared with TEMPLATES. A text encoder trained on the
+# fronted places). Only function words ("a", "the", "is", "in") are shared with TEMPLATES. A text encoder trained on the
 # demo captions alone has never seen these words; a pretrained one knows that "crimson disc" is a "red circle".
 PARAPHRASE_SPLIT = "test_paraphrase"
 PARAPHRASE_WORDS: dict[str, tuple[str, ...]] = {
@@ -70,13 +70,13 @@ PARAPHRASE_WORDS: dict[str, tuple[str, ...]] = {
     "green": ("emerald", "lime"),
     "blue": ("navy", "azure"),
     "yellow": ("golden", "lemon"),
-    "circle": ("ball", "disc", "round dot"),
+    "circle": ("ball", "disc", "round shape"),
     "square": ("box", "block"),
-    "triangle": ("wedge", "three-sided figure"),
-    "star": ("pentagram", "five-pointed figure"),
-    "left": ("at the left-hand side", "toward the west edge"),
-    "center": ("at the centre", "midway across"),
-    "right": ("at the right-hand side", "toward the east edge"),
+    "triangle": ("triangular shape", "three-sided shape"),
+    "star": ("pentagram", "five-pointed shape"),
+    "left": ("at the left-hand side", "in the left-hand half"),
+    "center": ("at the centre", "in the central part"),
+    "right": ("at the right-hand side", "in the right-hand half"),
 }
 PARAPHRASE_TEMPLATES: tuple[str, ...] = (
     "a {size} {color} {shape} is shown {where}",  # passive
