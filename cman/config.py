@@ -42,6 +42,11 @@ class EncoderConfig(_Section):
         le=100,
         description="random-init AST: set max_length (fbank frames) to cover this percentile of the training clips",
     )
+    normalize: Literal["dataset", "utterance"] = Field(
+        default="dataset",
+        description="spectrogram audio: `dataset` = the extractor's fixed mean/std; `utterance` = per-utterance "
+        "mean per mel bin and std removed (speaker/channel normalisation), padding at 0",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> EncoderConfig:
@@ -116,6 +121,21 @@ class LossConfig(_Section):
     temperature: float = Field(default=0.07, gt=0.0)
 
 
+class AudioAugmentConfig(_Section):
+    """Training-only audio augmentation (cman.data.augment); ranges are maxima, drawn per item and epoch."""
+
+    enabled: bool = False
+    tempo: float = Field(default=0.0, ge=0.0, lt=1.0, description="time-stretch factor range 1 ± tempo")
+    freq_warp: float = Field(default=0.0, ge=0.0, lt=1.0, description="mel-axis stretch 1 ± freq_warp (VTLP)")
+    gain: float = Field(default=0.0, ge=0.0, description="spectrogram: ± log-mel offset; waveform: ± dB")
+    noise: float = Field(default=0.0, ge=0.0, description="std of Gaussian noise added to the features")
+    shift_frames: int = Field(default=0, ge=0, description="random start delay, in 10 ms frames")
+    time_masks: int = Field(default=0, ge=0, description="SpecAugment time masks per item")
+    time_mask_width: int = Field(default=0, ge=0, description="max frames per time mask")
+    freq_masks: int = Field(default=0, ge=0, description="SpecAugment frequency masks per item")
+    freq_mask_width: int = Field(default=0, ge=0, description="max mel bins per frequency mask")
+
+
 class DataConfig(_Section):
     root: str | None = Field(default=None, description="dataset root in the seed layout")
     train_split: str = "train"
@@ -128,6 +148,10 @@ class DataConfig(_Section):
         default=None, description="memory-mapped preprocessing cache (cman.data.cache); keyed by processor + files"
     )
     max_items: int | None = Field(default=None, gt=0, description="use only the first N items of each split")
+    audio_augment: AudioAugmentConfig = AudioAugmentConfig()
+    balance_speakers: bool = Field(
+        default=True, description="training batches balanced over speakers when items carry a `speaker` field"
+    )
 
 
 class TrainingConfig(_Section):
@@ -345,6 +369,43 @@ def parse_override(item: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+def _is_relative_path(value: Any) -> bool:
+    return isinstance(value, str) and (value.startswith(("./", "../")) or value in (".", ".."))
+
+
+def resolve_model_paths(data: dict[str, Any], config_path: str | Path) -> dict[str, Any]:
+    """Make relative `model.<modality>.pretrained` / `.processor` paths (`./…`, `../…`) absolute.
+
+    Tried in order: the current directory, the project root of the config file (the parent of its `configs/`
+    folder, else its own folder), and `$CMAN_ROOT` (set it in the runtime env of a `ray job submit`, whose driver
+    runs in an uploaded copy of the project). Absolute paths reach Ray workers unchanged and are what checkpoints
+    record; a relative path found nowhere is a ConfigError naming the key and the places tried. Hub ids (no leading
+    `./` or `../`) are left alone.
+    """
+    import os
+
+    config_dir = Path(config_path).resolve().parent
+    bases = [Path.cwd(), config_dir.parent if config_dir.name == "configs" else config_dir]
+    if os.environ.get("CMAN_ROOT"):
+        bases.append(Path(os.environ["CMAN_ROOT"]))
+    model = data.get("model")
+    if not isinstance(model, dict):
+        return data
+    data = copy.deepcopy(data)
+    for modality in ("text", "audio", "image"):
+        enc = data["model"].get(modality)
+        for key in ("pretrained", "processor"):
+            value = enc.get(key) if isinstance(enc, dict) else None
+            if not _is_relative_path(value):
+                continue
+            found = next((base / value for base in bases if (base / value).exists()), None)
+            if found is None:
+                tried = ", ".join(str(base / value) for base in bases)
+                raise ConfigError(f"{config_path}: model.{modality}.{key}: {value!r} not found (tried {tried})")
+            enc[key] = str(found.resolve())
+    return data
+
+
 def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> CMANConfig:
     """Load a YAML config; relative `data.root` is resolved against the current directory."""
     path = Path(path)
@@ -358,6 +419,7 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     if overrides:
         data = apply_overrides(data, overrides)
+    data = resolve_model_paths(data, path)
     try:
         return from_dict(data)
     except ConfigError as err:

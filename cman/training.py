@@ -23,8 +23,10 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from cman.config import CMANConfig
+from cman.data.augment import build_augment
 from cman.data.cache import FeatureCache, fit_audio_length
 from cman.data.dataset import CMANDataset, Collator, Item, load_split
+from cman.data.sampler import speaker_sampler
 from cman.losses import CMANLoss
 from cman.metrics import EmbeddingSet, evaluate_embeddings, format_table
 from cman.modality import Modality
@@ -72,10 +74,18 @@ def make_loader(
 ) -> DataLoader:
     """The loader of `items`; `sampler` (keyword, like any future option) replaces the seeded shuffle."""
     store = FeatureCache(config.data.cache_dir, items, model.processors) if config.data.cache_dir else None
+    augment = build_augment(config, list(model.processors)) if train else None
     dataset = CMANDataset(
-        items, model.processors, config.data.skip_bad_items, cache=config.data.cache_features, store=store
+        items,
+        model.processors,
+        config.data.skip_bad_items,
+        cache=config.data.cache_features,
+        store=store,
+        augment=augment,
     )
     generator = torch.Generator().manual_seed(config.training.seed)
+    if train and sampler is None and config.data.balance_speakers:
+        sampler = speaker_sampler(items, generator)  # None unless the items name several speakers
     size = batch_size or (config.training.batch_size if train else config.training.eval_batch_size)
     return DataLoader(
         dataset,

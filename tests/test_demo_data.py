@@ -10,7 +10,15 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from cman.data.demo import ALL_SCENES, POSITION_PHRASES, SPLITS, generate_demo_dataset
+from cman.data.dataset import load_split
+from cman.data.demo import (
+    ALL_SCENES,
+    PARAPHRASE_SPLIT,
+    PARAPHRASE_WORDS,
+    POSITION_PHRASES,
+    SPLITS,
+    generate_demo_dataset,
+)
 from cman.data.tts import VOICES, synthesize
 
 COUNTS = {"train": 12, "val": 4, "test": 8}
@@ -26,7 +34,7 @@ def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("other", 1)):
         out = tmp_path_factory.mktemp(f"demo_{name}")
-        assert generate_demo_dataset(out, seed=seed, counts=COUNTS) == COUNTS
+        assert generate_demo_dataset(out, seed=seed, counts=COUNTS) == {**COUNTS, PARAPHRASE_SPLIT: COUNTS["test"]}
         runs[name] = out
     return runs
 
@@ -87,6 +95,31 @@ def test_caption_names_exactly_the_group_attributes(demo_runs: dict[str, Path]) 
             for word in (size, color, shape):
                 assert word in words, (word, entry)
             assert POSITION_PHRASES[position] in entry["caption"]
+
+
+def _words(caption: str) -> set[str]:
+    return set(caption.replace("?", " ").replace(",", " ").split())
+
+
+def test_paraphrase_split_rewords_test_with_unseen_words(demo_runs: dict[str, Path]) -> None:
+    root = demo_runs["a"]
+    test, para = _metadata(root, "test"), _metadata(root, PARAPHRASE_SPLIT)
+    assert len(para) == len(test) and len(load_split(root, PARAPHRASE_SPLIT)) == len(test)
+    seen = set().union(*(_words(e["caption"]) for split in SPLITS for e in _metadata(root, split)))
+    function_words = {"a", "the", "is", "in"}
+    for orig, new in zip(test, para, strict=True):
+        assert new["group"] == orig["group"] and new["caption"] != orig["caption"]
+        for key, sub in (("audio_filename", "audio"), ("image_filename", "images")):  # same media as test
+            same = (root / sub / PARAPHRASE_SPLIT / new[key]).read_bytes() == (
+                root / sub / "test" / orig[key]
+            ).read_bytes()
+            assert same
+        assert _words(new["caption"]) & seen <= function_words, new["caption"]
+        # every attribute of the group is named by one of its synonyms
+        size, color, shape, position = orig["group"].split("-")
+        for attribute in (size, color, shape, position):
+            assert any(word in new["caption"] for word in PARAPHRASE_WORDS[attribute]), (attribute, new["caption"])
+    assert len({e["caption"].split()[0] for e in para}) > 1  # several sentence shapes
 
 
 def test_refuses_foreign_directory_and_replaces_own(tmp_path: Path) -> None:

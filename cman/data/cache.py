@@ -60,12 +60,15 @@ def processor_fingerprint(processor: Processor) -> dict[str, Any]:
             "tokenizer_sha": hashlib.sha256(vocab.encode()).hexdigest(),
         }
     if isinstance(processor, AudioProcessor):
-        return {
+        out = {
             "kind": "audio",
             "max_seconds": processor.max_seconds,
             "class": type(processor.extractor).__name__,
             "extractor": json.loads(processor.extractor.to_json_string()),
         }
+        if processor.normalize != "dataset":  # absent for the default, so existing caches keep their keys
+            out["normalize"] = processor.normalize
+        return out
     if isinstance(processor, ImageProcessor):
         return {
             "kind": "image",

@@ -26,6 +26,7 @@ class Item:
     caption: str | None = None
     audio_path: Path | None = None
     image_path: Path | None = None
+    speaker: str | None = None
 
     def has(self, modality: Modality) -> bool:
         return self.source(modality) is not None
@@ -84,6 +85,7 @@ def _parse_entry(entry: Any, index: int, root: Path, split: str, path: Path) -> 
         caption=caption,
         audio_path=_confined(root / "audio" / split, audio, "audio_filename", item_id, path) if audio else None,
         image_path=_confined(root / "images" / split, image, "image_filename", item_id, path) if image else None,
+        speaker=str(entry["speaker"]) if entry.get("speaker") is not None else None,
     )
 
 
@@ -112,22 +114,26 @@ class CMANDataset(Dataset):
         skip_bad_items: bool = False,
         cache: bool = False,
         store: Any | None = None,
+        augment: Callable[[dict[str, Any] | None], dict[str, Any] | None] | None = None,
     ) -> None:
         self.items = items
         self.processors = processors
         self.skip_bad_items = skip_bad_items
         self.store = store  # a cman.data.cache.FeatureCache of `items`: features read, not recomputed
         self._cache: dict[int, dict[str, Any] | None] | None = {} if cache else None
+        self.augment = augment  # training only (cman.data.augment): applied after the caches, on a copy
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         if self._cache is None:
-            return self._load(index)
-        if index not in self._cache:
-            self._cache[index] = self._load(index)
-        return self._cache[index]
+            row = self._load(index)
+        else:
+            if index not in self._cache:
+                self._cache[index] = self._load(index)
+            row = self._cache[index]
+        return self.augment(row) if self.augment is not None else row
 
     def _load(self, index: int) -> dict[str, Any] | None:
         item = self.items[index]

@@ -58,6 +58,32 @@ TEMPLATES: tuple[str, ...] = (
     "there is a {size} {color} {shape} {where}",
     "{where} a {size} {color} {shape}",
 )
+# `test_paraphrase`: the test split's images and audio, captions reworded with words and sentence shapes that never
+# occur in training (nor in val/test): synonyms for every attribute and new sentence forms (passive, questions,
+# fronted places). Only function words ("a", "the", "is", "in") are shared with TEMPLATES. A text encoder trained on the
+# demo captions alone has never seen these words; a pretrained one knows that "crimson disc" is a "red circle".
+PARAPHRASE_SPLIT = "test_paraphrase"
+PARAPHRASE_WORDS: dict[str, tuple[str, ...]] = {
+    "small": ("tiny", "little", "miniature"),
+    "large": ("big", "huge", "giant"),
+    "red": ("crimson", "scarlet"),
+    "green": ("emerald", "lime"),
+    "blue": ("navy", "azure"),
+    "yellow": ("golden", "lemon"),
+    "circle": ("ball", "disc", "round shape"),
+    "square": ("box", "block"),
+    "triangle": ("triangular shape", "three-sided shape"),
+    "star": ("pentagram", "five-pointed shape"),
+    "left": ("at the left-hand side", "in the left-hand half"),
+    "center": ("at the centre", "in the central part"),
+    "right": ("at the right-hand side", "in the right-hand half"),
+}
+PARAPHRASE_TEMPLATES: tuple[str, ...] = (
+    "a {size} {color} {shape} is shown {where}",  # passive
+    "can you find the {size} {color} {shape} {where}?",  # question
+    "{where} sits one {size} {color} {shape}",  # fronted place
+    "which picture has a {color} {shape} that is {size}, {where}?",  # question, postposed size
+)
 RATE_RANGE = (160, 200)  # words per minute
 PITCH_RANGE = (25, 75)
 
@@ -83,7 +109,7 @@ ALL_SCENES: tuple[Scene, ...] = tuple(
 # --- output directory handling (shared with the importers) ----------------------------------------
 
 
-def prepare_output_dir(out_dir: str | Path) -> Path:
+def prepare_output_dir(out_dir: str | Path, extra_splits: tuple[str, ...] = ()) -> Path:
     """Make `out_dir` ready for a fresh dataset without ever touching foreign data.
 
     An empty or missing directory is fine; a directory holding a dataset written by one of
@@ -102,7 +128,7 @@ def prepare_output_dir(out_dir: str | Path) -> Path:
             )
         logger.info("replacing previous %s dataset in %s", info.get("generator"), out)
         _remove_previous_items(out)
-    for split in SPLITS:
+    for split in (*SPLITS, *extra_splits):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         (out / "audio" / split).mkdir(parents=True, exist_ok=True)
     (out / "metadata").mkdir(parents=True, exist_ok=True)
@@ -119,7 +145,7 @@ def _read_dataset_info(out: Path) -> dict[str, Any] | None:
 
 def _remove_previous_items(out: Path) -> None:
     """Delete exactly the files that the previous metadata lists, then the metadata itself."""
-    for split in SPLITS:
+    for split in (*SPLITS, PARAPHRASE_SPLIT):
         meta_path = out / "metadata" / f"{split}_metadata.json"
         try:
             entries = json.loads(meta_path.read_text())
@@ -164,6 +190,44 @@ def caption_for(scene: Scene, template: int) -> str:
         shape=scene.shape,
         where=POSITION_PHRASES[scene.position],
     )
+
+
+def paraphrase_for(scene: Scene, rng: np.random.Generator) -> str:
+    """A reworded caption of `scene`: a PARAPHRASE_TEMPLATES form filled with PARAPHRASE_WORDS synonyms."""
+
+    def pick(word: str) -> str:
+        options = PARAPHRASE_WORDS[word]
+        return options[int(rng.integers(len(options)))]
+
+    template = PARAPHRASE_TEMPLATES[int(rng.integers(len(PARAPHRASE_TEMPLATES)))]
+    return template.format(
+        size=pick(scene.size), color=pick(scene.color), shape=pick(scene.shape), where=pick(scene.position)
+    )
+
+
+def write_paraphrase_split(out: Path, test_entries: list[dict[str, str]], seed: int) -> int:
+    """`test_paraphrase`: every test item's image and audio (hard-linked, copied if links fail), reworded caption."""
+    import shutil
+
+    rng = np.random.default_rng([seed, 99])
+    entries = []
+    for entry in test_entries:
+        scene = Scene(*_scene_of(entry["group"]))
+        for key, sub in (("image_filename", "images"), ("audio_filename", "audio")):
+            src, dst = out / sub / "test" / entry[key], out / sub / PARAPHRASE_SPLIT / entry[key]
+            dst.unlink(missing_ok=True)
+            try:
+                dst.hardlink_to(src)
+            except OSError:
+                shutil.copyfile(src, dst)
+        entries.append({**entry, "id": f"{entry['id']}_p", "caption": paraphrase_for(scene, rng)})
+    write_split_metadata(out, PARAPHRASE_SPLIT, entries)
+    return len(entries)
+
+
+def _scene_of(group: str) -> tuple[str, str, str, str]:
+    size, color, shape, position = group.split("-")
+    return shape, color, size, position
 
 
 def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -254,6 +318,12 @@ def _dataset_info(seed: int, size: str, counts: dict[str, int]) -> dict[str, Any
             "position": list(POSITIONS),
         },
         "templates": list(TEMPLATES),
+        "paraphrase": {
+            "split": PARAPHRASE_SPLIT,
+            "of": "test",
+            "templates": list(PARAPHRASE_TEMPLATES),
+            "words": {k: list(v) for k, v in PARAPHRASE_WORDS.items()},
+        },
         "num_groups": len(ALL_SCENES),
         "voices": list(VOICES),
     }
@@ -266,6 +336,8 @@ Images: {image_size}x{image_size} RGB renderings of one shape (size, colour, sha
 Captions: a small grammar that names all four attributes; `group` = the attribute combination.
 Audio: the caption spoken by espeak-ng (synthetic speech; voice, rate and pitch vary per item),
 16 kHz mono 16-bit WAV. See dataset.json for the vocabulary, templates and voices.
+Split `test_paraphrase`: the test split's images and audio with reworded captions (synonyms and sentence forms that
+never occur in training, listed under "paraphrase" in dataset.json): `cman eval --split test_paraphrase`.
 """
 
 
@@ -281,7 +353,7 @@ def generate_demo_dataset(
     The output depends only on `seed`, `size` and `counts`.
     """
     split_counts = _resolve_counts(size, counts)
-    out = prepare_output_dir(out_dir)
+    out = prepare_output_dir(out_dir, extra_splits=(PARAPHRASE_SPLIT,))
     write_dataset_info(out, _dataset_info(seed, size, split_counts))
     start = time.perf_counter()
     next_index = 0
@@ -294,6 +366,7 @@ def generate_demo_dataset(
             entries.append(_make_item(out, split, f"demo_{next_index:05d}", scene, item_rng))
             next_index += 1
         write_split_metadata(out, split, entries)
+    split_counts[PARAPHRASE_SPLIT] = write_paraphrase_split(out, entries, seed)  # `entries` = the test split
     total = sum(split_counts.values())
     (out / "README.md").write_text(
         _README.format(

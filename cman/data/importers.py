@@ -162,6 +162,7 @@ def import_digits(
                 "audio_filename": f"{rec.item_id}.wav",
                 "image_filename": image_name,
                 "group": str(rec.digit),
+                "speaker": rec.speaker,
             }
         )
     for split in SPLITS:

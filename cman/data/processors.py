@@ -62,11 +62,14 @@ class TextProcessor:
 class AudioProcessor:
     modality = Modality.AUDIO
 
-    def __init__(self, extractor: Any, max_seconds: float = 10.0) -> None:
+    def __init__(self, extractor: Any, max_seconds: float = 10.0, normalize: str = "dataset") -> None:
         self.extractor = extractor
         self.max_seconds = max_seconds
         self.sampling_rate = int(extractor.sampling_rate)
         self.spectrogram = isinstance(extractor, ASTFeatureExtractor)
+        if normalize not in ("dataset", "utterance"):
+            raise ValueError(f"audio normalize must be 'dataset' or 'utterance', not {normalize!r}")
+        self.normalize = normalize
 
     def load(self, source: Any, item_id: str | None = None) -> np.ndarray:
         return decode_audio(source, self.sampling_rate, max_seconds=self.max_seconds, item_id=item_id)
@@ -75,6 +78,8 @@ class AudioProcessor:
         out = self.extractor(raw, sampling_rate=self.sampling_rate, return_tensors="np")
         values = torch.from_numpy(np.asarray(out["input_values"][0], dtype=np.float32))
         # AST: (frames, mel_bins), padded by the extractor to max_length; waveform models: (samples,)
+        if self.spectrogram and self.normalize == "utterance":
+            values = utterance_normalize(values, fbank_frames(raw.shape[0], self.sampling_rate))
         return {"input_values": values}
 
     def collate(self, items: list[Features]) -> Features:
@@ -87,7 +92,26 @@ class AudioProcessor:
 
     def save(self, directory: Path) -> None:
         self.extractor.save_pretrained(directory)
-        _write_meta(directory, {"kind": "audio", "max_seconds": self.max_seconds})
+        _write_meta(directory, {"kind": "audio", "max_seconds": self.max_seconds, "normalize": self.normalize})
+
+
+def fbank_frames(samples: int, sampling_rate: int) -> int:
+    """Frames of a Kaldi fbank (25 ms window, 10 ms hop, edges snipped) of `samples` samples."""
+    window, hop = sampling_rate * 25 // 1000, sampling_rate // 100
+    return max(1, (samples - window) // hop + 1)
+
+
+def utterance_normalize(values: torch.Tensor, frames: int) -> torch.Tensor:
+    """Remove the utterance's mean per mel bin and divide by 2x its std over the real frames; padding becomes 0.
+
+    Cancels the channel (microphone, room, loudness) and part of the speaker's spectral colouring.  # (frames, bins)
+    """
+    frames = min(frames, values.shape[0])
+    real = values[:frames]
+    std = real.std() if frames > 1 else torch.ones(())
+    out = torch.zeros_like(values)
+    out[:frames] = (real - real.mean(dim=0, keepdim=True)) / (2 * std.clamp_min(1e-5))
+    return out
 
 
 class ImageProcessor:
@@ -143,7 +167,7 @@ def build_processor(modality: Modality, cfg: EncoderConfig, captions: list[str] 
             extractor = Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=True)
         if cfg.max_length is not None and isinstance(extractor, ASTFeatureExtractor):
             extractor.max_length = cfg.max_length
-        return AudioProcessor(extractor, max_seconds=cfg.max_seconds)
+        return AudioProcessor(extractor, max_seconds=cfg.max_seconds, normalize=cfg.normalize)
     if source is not None:
         return ImageProcessor(AutoImageProcessor.from_pretrained(source, backend="pil"))
     size = int(cfg.image_size or init.get("image_size", 224))
@@ -157,5 +181,6 @@ def load_processor(directory: str | Path) -> Processor:
     if meta["kind"] == "text":
         return TextProcessor(AutoTokenizer.from_pretrained(directory), max_length=meta["max_length"])
     if meta["kind"] == "audio":
-        return AudioProcessor(AutoFeatureExtractor.from_pretrained(directory), max_seconds=meta["max_seconds"])
+        extractor = AutoFeatureExtractor.from_pretrained(directory)
+        return AudioProcessor(extractor, max_seconds=meta["max_seconds"], normalize=meta.get("normalize", "dataset"))
     return ImageProcessor(AutoImageProcessor.from_pretrained(directory, backend="pil"))

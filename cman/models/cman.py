@@ -19,7 +19,7 @@ from torch import nn
 from cman.config import CMANConfig, from_dict
 from cman.data.processors import Processor, build_processor, load_processor
 from cman.modality import Modality
-from cman.models.encoders import ModalityEncoder, build_encoder, fingerprint, load_backbone
+from cman.models.encoders import ModalityEncoder, build_encoder, fingerprint, load_backbone, weights_sha256
 from cman.models.fusion import FusionTransformer
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,24 @@ class CMAN(nn.Module):
                 enc.backbone = enc.backbone.merge_and_unload()
         return self
 
+    def parameter_report(self) -> dict[str, dict[str, int]]:
+        """Per encoder: trainable / total parameters, and how many of each are base weights vs LoRA adapters."""
+        report = {}
+        for name, enc in self.encoders.items():
+            params = list(enc.backbone.named_parameters())
+            lora = [p for n, p in params if "lora_" in n]
+            base = [p for n, p in params if "lora_" not in n]
+            head = list(enc.proj.parameters())
+            report[name] = {
+                "trainable": sum(p.numel() for p in enc.parameters() if p.requires_grad),
+                "total": sum(p.numel() for p in enc.parameters()),
+                "base_total": sum(p.numel() for p in base),
+                "base_trainable": sum(p.numel() for p in base if p.requires_grad),
+                "adapter_trainable": sum(p.numel() for p in lora if p.requires_grad),
+                "projection": sum(p.numel() for p in head),
+            }
+        return report
+
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def save_pretrained(
         self,
@@ -131,11 +149,14 @@ class CMAN(nn.Module):
             if saves_base or not isinstance(enc.backbone, PeftModel):
                 _save_base(enc.backbone, mod_dir / "base")
             self.processors[Modality(name)].save(mod_dir / "processor")
+            saved = saves_base or not isinstance(enc.backbone, PeftModel)
             bases[name] = {
                 "source": ecfg.pretrained or "random-init",
-                "saved_base": saves_base or not isinstance(enc.backbone, PeftModel),
+                "saved_base": saved,
                 "fingerprint": fingerprint(enc.base_config),
             }
+            if not saved:  # a frozen pretrained base is not copied: its identity is (path, content hash)
+                bases[name]["weights_sha256"] = weights_sha256(ecfg.pretrained)
         heads = {k: v.detach().contiguous() for k, v in self.state_dict().items() if ".backbone." not in k}
         save_file(heads, str(out / "heads.safetensors"))
         trainable, total = count_parameters(self)
@@ -143,7 +164,7 @@ class CMAN(nn.Module):
             "format": CHECKPOINT_FORMAT,
             "modalities": [m.value for m in self.modalities],
             "base_models": bases,
-            "parameters": {"trainable": trainable, "total": total},
+            "parameters": {"trainable": trainable, "total": total, "encoders": self.parameter_report()},
             **metadata,
         }
         (out / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
@@ -185,6 +206,7 @@ class CMAN(nn.Module):
             base_dir = mod_dir / "base"
             backbone = _load_base(name, ecfg, base_dir if base_meta["saved_base"] else None, directory)
             _check_fingerprint(name, base_meta, backbone.config, directory)
+            _check_weights(name, base_meta, ecfg.pretrained, directory)
             if (mod_dir / "adapter").is_dir():
                 backbone = PeftModel.from_pretrained(backbone, mod_dir / "adapter", is_trainable=trainable)
             if trainable and not ecfg.freeze_base:
@@ -258,6 +280,20 @@ def _check_fingerprint(name: str, base_meta: dict, config: Any, directory: Path)
         raise ValueError(
             f"checkpoint {directory}: the {name} base model {base_meta['source']!r} does not match the one the "
             f"adapters were trained on ({detail}); point model.{name}.pretrained at the original base"
+        )
+
+
+def _check_weights(name: str, base_meta: dict, source: str | None, directory: Path) -> None:
+    """A checkpoint of a frozen pretrained base names its weights' sha256: the base found now must have it."""
+    expected = base_meta.get("weights_sha256")
+    if not expected or source is None:
+        return
+    actual = weights_sha256(source)
+    if actual is not None and actual != expected:
+        raise ValueError(
+            f"checkpoint {directory}: the {name} base model {source!r} does not match the one the adapters were "
+            f"trained on (weights sha256: checkpoint {expected[:16]}… vs base {actual[:16]}…); point "
+            f"model.{name}.pretrained at the original base"
         )
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +34,47 @@ FINGERPRINT_KEYS = (
 
 def fingerprint(config: PretrainedConfig) -> dict[str, Any]:
     return {k: getattr(config, k) for k in FINGERPRINT_KEYS if getattr(config, k, None) is not None}
+
+
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+_SHA_CACHE: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: a file is hashed once per process
+
+
+def weights_sha256(source: str | None) -> str | None:
+    """Content hash of a pretrained base's weight files (a local HF model dir, or a hub id in the local HF cache).
+
+    One weight file: its plain sha256 (what `sha256sum model.safetensors` prints); several: sha256 of their sorted
+    "name sha256" lines. None when no weight file can be found locally.
+    """
+    if source is None:
+        return None
+    directory = Path(source)
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(source, local_files_only=True, allow_patterns=list(_WEIGHT_PATTERNS)))
+        except Exception:  # not downloaded (or not a hub id): nothing to hash
+            return None
+    files = sorted({f for pattern in _WEIGHT_PATTERNS for f in directory.glob(pattern) if f.is_file()})
+    if not files:
+        return None
+    sums = [_file_sha256(f) for f in files]
+    if len(files) == 1:
+        return sums[0]
+    return hashlib.sha256("".join(f"{f.name} {h}\n" for f, h in zip(files, sums, strict=True)).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+        _SHA_CACHE[key] = digest.hexdigest()
+    return _SHA_CACHE[key]
 
 
 def load_backbone(cfg: EncoderConfig, vocab_size: int | None = None, source: str | None = None) -> nn.Module:

@@ -1,0 +1,151 @@
+"""Audio augmentation (seeded, training only, never touching cached features), per-utterance normalisation, the
+speaker-balanced sampler, the digits importer's speaker field and the leave-one-speaker-out fold plan."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cman.config import AudioAugmentConfig
+from cman.data.augment import AudioAugment, real_length
+from cman.data.dataset import load_split
+from cman.data.processors import AudioProcessor, fbank_frames, utterance_normalize
+from cman.data.sampler import SpeakerBalancedSampler, speaker_sampler
+from cman.engine import make_loader
+from cman.models.cman import build_model
+from tests.tiny import tiny_demo_config
+
+FULL = AudioAugmentConfig(
+    enabled=True,
+    tempo=0.2,
+    freq_warp=0.1,
+    gain=0.1,
+    noise=0.05,
+    shift_frames=8,
+    time_masks=2,
+    time_mask_width=6,
+    freq_masks=2,
+    freq_mask_width=4,
+)
+
+
+def _spectrogram(frames: int = 64, real: int = 40, bins: int = 16) -> torch.Tensor:
+    x = torch.full((frames, bins), 0.47)  # AST pads with one constant frame
+    x[:real] = torch.randn(real, bins)
+    return x
+
+
+def test_real_length_finds_the_padding() -> None:
+    assert real_length(_spectrogram(64, 40)) == 40
+    assert real_length(_spectrogram(64, 64)) == 64
+    assert real_length(torch.zeros(10, 4)) == 1  # all padding: one frame kept
+
+
+def test_augmentation_is_seeded_changes_features_and_leaves_input_alone() -> None:
+    x = _spectrogram()
+    before = x.clone()
+    augment = AudioAugment(FULL)
+    torch.manual_seed(3)
+    a = augment({"input_values": x})["input_values"]
+    torch.manual_seed(3)
+    b = augment({"input_values": x})["input_values"]
+    c = augment({"input_values": x})["input_values"]
+    assert torch.equal(a, b) and not torch.equal(a, c)  # same seed, same result; next draw differs
+    assert a.shape == x.shape and not torch.equal(a, x)
+    assert torch.equal(x, before)  # the (cached) input is never modified
+
+
+def test_each_augmentation_alone() -> None:
+    x = _spectrogram(64, 40)
+    torch.manual_seed(0)
+    slow = AudioAugment(AudioAugmentConfig(enabled=True, tempo=0.5))
+    lengths = {real_length(slow({"input_values": x})["input_values"]) for _ in range(20)}
+    assert len(lengths) > 3 and min(lengths) < 40 < max(lengths)  # speed perturbation changes the duration
+    shifted = AudioAugment(AudioAugmentConfig(enabled=True, shift_frames=10))({"input_values": x})["input_values"]
+    start = int((shifted != x[-1]).any(dim=1).float().argmax())
+    assert torch.equal(shifted[start : start + 40], x[:40])  # same frames, later
+    masked = AudioAugment(AudioAugmentConfig(enabled=True, freq_masks=1, freq_mask_width=16))
+    torch.manual_seed(1)
+    out = masked({"input_values": x})["input_values"]
+    assert (out == 0.47).all(dim=0).any() or torch.equal(out, x)  # a whole mel band set to the padding value
+    wave = torch.randn(1600)
+    w = AudioAugment(AudioAugmentConfig(enabled=True, tempo=0.2, gain=6.0, shift_frames=2))({"input_values": wave})
+    assert w["input_values"].ndim == 1 and w["input_values"].shape[0] != 1600
+
+
+def test_utterance_normalisation() -> None:
+    frames = fbank_frames(16000, 16000)
+    assert frames == 98  # Kaldi: (16000 - 400) // 160 + 1
+    x = _spectrogram(128, frames, 8) * 3 + 5
+    y = utterance_normalize(x, frames)
+    assert torch.allclose(y[:frames].mean(0), torch.zeros(8), atol=1e-5) and bool((y[frames:] == 0).all())
+    from transformers import ASTFeatureExtractor
+
+    proc = AudioProcessor(ASTFeatureExtractor(num_mel_bins=16, max_length=128), normalize="utterance")
+    rng = np.random.default_rng(0)
+    sound = (np.sin(np.linspace(0, 800, 8000)) + rng.normal(0, 0.3, 8000)).astype(np.float32)
+    loud, quiet = proc.features(sound)["input_values"], proc.features(sound * 0.25)["input_values"]
+    assert torch.allclose(loud, quiet, atol=1e-3)  # a gain change is normalised away
+    plain = AudioProcessor(ASTFeatureExtractor(num_mel_bins=16, max_length=128))
+    assert not torch.allclose(plain.features(sound)["input_values"], plain.features(sound * 0.25)["input_values"])
+    with pytest.raises(ValueError, match="normalize"):
+        AudioProcessor(ASTFeatureExtractor(), normalize="speaker")
+
+
+def test_speaker_sampler_balances_every_batch() -> None:
+    speakers = ["a"] * 40 + ["b"] * 20 + ["c"] * 10 + [None] * 2
+    sampler = SpeakerBalancedSampler(speakers, torch.Generator().manual_seed(0))
+    order = list(sampler)
+    assert len(order) == len(speakers) and set(order) <= set(range(len(speakers)))
+    for start in range(0, 64, 8):  # each batch of 8 has every speaker 1-3 times, although a has 4x c's items
+        counts = Counter(speakers[i] for i in order[start : start + 8])
+        assert set(counts) <= {"a", "b", "c", None} and max(counts.values()) <= 3
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert list(SpeakerBalancedSampler(speakers, g1)) == list(SpeakerBalancedSampler(speakers, g2))
+    assert speaker_sampler([type("I", (), {"speaker": "a"})()] * 3) is None  # one speaker: plain shuffling
+
+
+def test_loader_augments_training_only_and_stays_reproducible_without(demo_root: Path) -> None:
+    plain = tiny_demo_config(demo_root, **{"data.max_items": 8})
+    on = plain.with_overrides({"data.audio_augment": FULL.model_dump()})
+    model = build_model(plain, captions=["a small red circle on the left"])
+    items = load_split(demo_root, "train", 8)
+
+    def first_audio(config, train: bool) -> torch.Tensor:
+        loader = make_loader(config, model, items, train=train)
+        loader.generator.manual_seed(0)
+        torch.manual_seed(0)
+        return next(iter(loader))["inputs"]["audio"]["input_values"]
+
+    assert torch.equal(first_audio(plain, True), first_audio(plain, True))  # no augmentation: bit-identical
+    assert torch.equal(first_audio(on, True), first_audio(on, True))  # seeded
+    assert not torch.equal(first_audio(on, True), first_audio(plain, True))
+    assert torch.equal(first_audio(on, False), first_audio(plain, False))  # evaluation never augments
+
+
+def test_digits_speakers_and_fold_plan(tmp_path: Path) -> None:
+    from bench.digits_cv import fold_plan, summarise
+    from cman.data.importers import import_digits
+
+    plan = fold_plan(["theo", "george", "jackson", "lucas", "nicolas", "yweweler"])
+    assert sorted(f["test"] for f in plan) == sorted(f["val"] for f in plan)  # each speaker tested and validated once
+    for fold in plan:
+        assert fold["test"] != fold["val"] and len(fold["train"]) == 4
+        assert {fold["test"], fold["val"], *fold["train"]} == {f["test"] for f in plan}
+    with pytest.raises(ValueError, match="at least 3"):
+        fold_plan(["a", "b"])
+    fsdd = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
+    fold = plan[0]
+    import_digits(fsdd, tmp_path, test_speakers=[fold["test"]], val_speakers=[fold["val"]], limit_per_speaker_digit=1)
+    for split, speakers in (("test", {fold["test"]}), ("val", {fold["val"]}), ("train", set(fold["train"]))):
+        items = load_split(tmp_path, split)
+        assert {i.speaker for i in items} == speakers and len(items) == 10 * len(speakers)
+    raw = json.loads((tmp_path / "metadata" / "train_metadata.json").read_text())
+    assert all(entry["speaker"] in entry["id"] for entry in raw)
+    folds = [{"metrics": {"audio->text": {"P@1": p, "mAP@R": 50.0}}} for p in (90.0, 100.0)]
+    assert summarise(folds)["audio->text"]["P@1"] == {"mean": 95.0, "std": 5.0, "min": 90.0}
