@@ -21,7 +21,7 @@ def test_missing_base_is_named_and_a_self_contained_copy_loads_without_it(tmp_pa
     assert (tmp_path / "standalone" / "encoders" / "image" / "base" / "model.safetensors").is_file()
     tokens = model.processors["text"].collate([model.processors["text"].features("a small red circle")])
     with torch.no_grad():
-        expected = model.embed({"text": tokens})
+        expected = model.embed_features({"text": tokens})
 
     shutil.rmtree(dirs["image"])  # the hub base is gone (no cache, no hub)
     with pytest.raises(MissingBaseError, match=rf"image encoder's base model '{dirs['image']}' could not be loaded"):
@@ -30,4 +30,4 @@ def test_missing_base_is_named_and_a_self_contained_copy_loads_without_it(tmp_pa
     assert standalone.checkpoint_metadata["epoch"] == 2
     assert all(b["saved_base"] for b in standalone.checkpoint_metadata["base_models"].values())
     with torch.no_grad():
-        torch.testing.assert_close(standalone.embed({"text": tokens}), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(standalone.embed_features({"text": tokens}), expected, atol=1e-6, rtol=0)
