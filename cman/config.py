@@ -175,7 +175,9 @@ class TrainingConfig(_Section):
         default=None, ge=1, description="torch CPU threads; default: all cores in-process, a Ray worker's CPU share"
     )
     checkpoint_every: int = Field(
-        default=0, ge=0, description="also write/report the last checkpoint every N epochs (0: only best + final)"
+        default=1,
+        ge=0,
+        description="write/report the last checkpoint every N epochs (0: only when best improves and at the end)",
     )
 
 

@@ -78,7 +78,9 @@ def _expected(checkpoint: Path, kwargs_list: list[dict]) -> np.ndarray:
 
 
 def _json_rows(rows: list[dict]) -> list[dict]:
-    return [{k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in r.items()} for r in rows]
+    """JSON rows: media base64-encoded, every column present ("" = absent: MLflow cannot base64-decode a null)."""
+    encoded = [{k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in r.items()} for r in rows]
+    return [{c: r.get(c, "") for c in ("text", "audio", "image")} for r in encoded]
 
 
 def _env(uri: str) -> dict[str, str]:
