@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cman {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _data_commands(sub)
+    _training_commands(sub)
+    _serving_commands(sub)
+    return parser
+
+
+def _data_commands(sub: Any) -> None:
+    """demo-data, data validate / import-digits / import-coco."""
     p = sub.add_parser("demo-data", help="write the embedded offline tri-modal dataset")
     p.add_argument("out_dir", help="output directory (seed layout)")
     p.add_argument("--seed", type=int, default=0)
@@ -95,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_import_coco)
 
+
+def _training_commands(sub: Any) -> None:
+    """train, eval, tune."""
     p = sub.add_parser("train", help="train a model (Ray Train; --in-process for a plain loop)")
     _config_args(p)
     _flag(p, "--output-dir", help="where checkpoints, metrics and the MLflow store go (default: config's)")
@@ -122,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=cmd_tune)
 
+
+def _serving_commands(sub: Any) -> None:
+    """index, serve, quickstart."""
     p = sub.add_parser("index", help="build the FAISS gallery index of a dataset split")
     _config_args(p)
     p.add_argument("--checkpoint", required=True)
@@ -161,7 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_quickstart)
-    return parser
 
 
 # ---- commands ------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ naming the key (``ConfigError: model.fusion.heads: ...``) before anything expens
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -311,6 +312,8 @@ class CMANConfig(_Section):
             if isinstance(node, dict) and node:
                 for k, v in node.items():
                     walk(f"{prefix}.{k}" if prefix else str(k), v)
+            elif isinstance(node, list | tuple):  # a search space or list option: one readable value
+                out[prefix] = json.dumps(node)
             else:
                 out[prefix] = node
 

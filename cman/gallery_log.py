@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -87,9 +87,11 @@ def read_from(path: Path, offset: int) -> tuple[list[tuple[dict[str, Any], dict[
     return entries, offset + end
 
 
-def replay(gallery: dict[Any, Any], log_dir: Path, offsets: dict[str, int], params: dict[str, Any]) -> int:
-    """Apply the log's complete lines after ``offsets`` (updated in place) to ``gallery``; returns items applied."""
-    from cman.index import GalleryIndex
+def replay(gallery: dict[Any, Any], log_dir: Path, offsets: dict[str, int], new_index: Callable[[int], Any]) -> int:
+    """Apply the log's complete lines after ``offsets`` (updated in place) to ``gallery``; returns items applied.
+
+    ``new_index(dim)`` makes the (empty) index of a modality that the gallery does not have yet.
+    """
     from cman.modality import Modality
 
     applied = 0
@@ -99,7 +101,7 @@ def replay(gallery: dict[Any, Any], log_dir: Path, offsets: dict[str, int], para
             for name, vector in vectors.items():
                 modality = Modality(name)
                 if modality not in gallery:
-                    gallery[modality] = GalleryIndex(vector.shape[0], **params)
+                    gallery[modality] = new_index(vector.shape[0])
                 if str(record["id"]) not in gallery[modality]:
                     gallery[modality].add(vector[None], [record])
             applied += 1

@@ -397,7 +397,7 @@ def load_gallery(
         elif modality.value in modalities and dim is not None:
             gallery[modality] = GalleryIndex(dim, **params)
     offsets: dict[str, int] = {}
-    gallery_log.replay(gallery, index_dir / gallery_log.LOG_DIR, offsets, params)
+    gallery_log.replay(gallery, index_dir / gallery_log.LOG_DIR, offsets, lambda dim: GalleryIndex(dim, **params))
     return gallery, offsets
 
 

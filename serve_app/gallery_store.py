@@ -130,7 +130,9 @@ class GalleryStore:
         self._last_sync = time.monotonic()
         if lagging:  # a segment may have been deleted before this process read all of it
             return self._reload()
-        return gallery_log.replay(self.indexes, self.log_dir, self.offsets, self.params)
+        return gallery_log.replay(
+            self.indexes, self.log_dir, self.offsets, lambda dim: GalleryIndex(dim, **self.params)
+        )
 
     def _reload(self) -> int:
         logger.warning("log segments of %s were compacted before this replica read them; reloading", self.index_dir)

@@ -32,8 +32,13 @@ def modules() -> dict[str, Path]:
 
 
 def _main_guard(node: ast.AST) -> bool:
+    """`if __name__ == "__main__":` or `if TYPE_CHECKING:` (neither imports anything when the module is imported)."""
     test = getattr(node, "test", None)
-    return isinstance(node, ast.If) and isinstance(test, ast.Compare) and getattr(test.left, "id", "") == "__name__"
+    if not isinstance(node, ast.If):
+        return False
+    if isinstance(test, ast.Name) and test.id == "TYPE_CHECKING":
+        return True
+    return isinstance(test, ast.Compare) and getattr(test.left, "id", "") == "__name__"
 
 
 def _walk(tree: ast.AST):

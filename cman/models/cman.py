@@ -198,23 +198,9 @@ class CMAN(nn.Module):
             raise ValueError(f"checkpoint {directory} has no {', '.join(unknown)} encoder (it has {have})")
         encoders, processors = {}, {}
         for name, base_meta in meta["base_models"].items():
-            if wanted is not None and name not in wanted:
-                continue
-            modality = Modality(name)
-            mod_dir = directory / "encoders" / name
-            ecfg = config.model.encoder(modality)
-            base_dir = mod_dir / "base"
-            backbone = _load_base(name, ecfg, base_dir if base_meta["saved_base"] else None, directory)
-            _check_fingerprint(name, base_meta, backbone.config, directory)
-            _check_weights(name, base_meta, ecfg.pretrained, directory)
-            if (mod_dir / "adapter").is_dir():
-                backbone = PeftModel.from_pretrained(backbone, mod_dir / "adapter", is_trainable=trainable)
-            if trainable and not ecfg.freeze_base:
-                for param in backbone.parameters():
-                    param.requires_grad = True
-            mc = config.model
-            encoders[modality] = ModalityEncoder(modality, backbone, mc.fusion.width, mc.dropout, mc.max_tokens)
-            processors[modality] = load_processor(mod_dir / "processor")
+            if wanted is None or name in wanted:
+                modality = Modality(name)
+                encoders[modality], processors[modality] = _load_encoder(directory, config, name, base_meta, trainable)
         model = cls(config, encoders, processors)
         heads = load_file(str(directory / "heads.safetensors"))
         skipped = {f"encoders.{name}." for name in meta["base_models"] if name not in model.encoders}
@@ -231,6 +217,26 @@ class CMAN(nn.Module):
             model.requires_grad_(False)
         model.checkpoint_metadata = meta
         return model
+
+
+def _load_encoder(
+    directory: Path, config: CMANConfig, name: str, base_meta: dict, trainable: bool
+) -> tuple[ModalityEncoder, Processor]:
+    """One modality's encoder (base checked against the checkpoint, adapters attached) and processor."""
+    modality = Modality(name)
+    mod_dir = directory / "encoders" / name
+    ecfg = config.model.encoder(modality)
+    backbone = _load_base(name, ecfg, mod_dir / "base" if base_meta["saved_base"] else None, directory)
+    _check_fingerprint(name, base_meta, backbone.config, directory)
+    _check_weights(name, base_meta, ecfg.pretrained, directory)
+    if (mod_dir / "adapter").is_dir():
+        backbone = PeftModel.from_pretrained(backbone, mod_dir / "adapter", is_trainable=trainable)
+    if trainable and not ecfg.freeze_base:
+        for param in backbone.parameters():
+            param.requires_grad = True
+    mc = config.model
+    encoder = ModalityEncoder(modality, backbone, mc.fusion.width, mc.dropout, mc.max_tokens)
+    return encoder, load_processor(mod_dir / "processor")
 
 
 def _base_model(backbone: nn.Module) -> nn.Module:
