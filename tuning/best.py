@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -26,7 +27,17 @@ def best_checkpoint(result) -> tuple[Path, float]:
         path = Path(str(row["checkpoint_path"]))
         if path.is_dir():
             return path, float(row[METRIC])
+    # The Train run may have gone on after the last result Tune recorded (ASHA's stop reaches the trial a moment
+    # later) and replaced those checkpoints by newer ones: take the best that the run itself kept.
+    kept = sorted(Path(str(rows.iloc[0]["checkpoint_path"])).parent.glob("checkpoint_*"))
+    scored = [(p, _checkpoint_rsum(p)) for p in kept if (p / "metadata.json").is_file()]
+    if scored:
+        return max(scored, key=lambda ps: ps[1])
     raise RuntimeError(f"none of the checkpoints trial {result.path} reported still exists (last: {rows.iloc[-1]})")
+
+
+def _checkpoint_rsum(directory: Path) -> float:
+    return float(json.loads((directory / "metadata.json").read_text()).get("metrics", {}).get("rsum", -math.inf))
 
 
 def best_result(results):

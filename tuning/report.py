@@ -39,14 +39,18 @@ def results_table(results) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    # Tune names trial folders `<trainable>_<trial id>_<n>_<params>`, n counting from 1 in creation order.
+    # trial folders carry the creation index (tuning.sweep.trial_dirname; Tune's default names count from 1)
     table.insert(0, "trial", [trial_number(p, t) for p, t in zip(table["path"], table["trial_id"], strict=True)])
     return table.sort_values("trial").reset_index(drop=True)
 
 
 def trial_number(path: str, trial_id: str) -> int:
     """0-based creation index of a trial (0 = the baseline point), from its Tune folder name."""
-    match = re.search(rf"_{re.escape(trial_id)}_(\d+)", Path(path).name)
+    name = Path(path).name
+    ours = re.match(rf"trial_(\d+)_{re.escape(trial_id)}$", name)  # tuning.sweep.trial_dirname
+    if ours:
+        return int(ours.group(1))
+    match = re.search(rf"_{re.escape(trial_id)}_(\d+)", name)  # Tune's default `<trainable>_<id>_<n>_<params>`
     return int(match.group(1)) - 1 if match else 10**6
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -78,16 +77,21 @@ def _tune_loop(loop_config: dict[str, Any]) -> None:
     train_loop_per_worker(loop_config)
 
 
+def trial_index(trial: Any) -> int:
+    """0-based creation index of a trial (0 = the baseline point): Tune's `experiment_tag` starts with it, from 1."""
+    head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return int(head) - 1 if head.isdigit() else 0
+
+
 def trial_name(trial: Any) -> str:
-    """What Tune's table and MLflow call a trial: `trial_03 rank=16 lr=4.2e-4` (number = Tune's trial counter)."""
-    digits = re.search(r"(\d+)$", trial.trial_id)
+    """What Tune's table and MLflow call a trial: `trial_03 rank=16 lr=4.2e-4`."""
     params = trial_params(trial.config)
-    number = int(digits.group(1)) if digits else 0
-    return f"trial_{number:02d} rank={params['rank']} lr={params['lr']:.1e}"
+    return f"trial_{trial_index(trial):02d} rank={params['rank']} lr={params['lr']:.1e}"
 
 
 def trial_dirname(trial: Any) -> str:
-    return f"trial_{trial.trial_id}"
+    """`trial_03_<trial id>`: the creation index first (what `tuning.report.trial_number` reads back)."""
+    return f"trial_{trial_index(trial):02d}_{trial.trial_id}"
 
 
 def _trainable(config: CMANConfig, output_dir: Path):
