@@ -44,6 +44,9 @@ def backpressure(err: BaseException) -> Any:
     return next((e for e in _chain(err) if isinstance(e, BackPressureError)), None)
 
 
+RETRY_DELAY_S = 1.5  # measured: an immediate retry can be routed to the replica that just died
+
+
 async def call(
     make: Callable[[], Awaitable[Any]],
     *,
@@ -74,6 +77,7 @@ async def call(
                 logger.warning("a replica died during a %s; retrying once: %s", what, type(err).__name__)
                 if state is not None:
                     state["retried"] = True
+                await asyncio.sleep(RETRY_DELAY_S)  # let Serve notice the dead replica before routing again
                 continue
             done = "was retried once and" if attempt == 2 else "is not retried (it changes state) and"
             raise ServiceUnavailable(

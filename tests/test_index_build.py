@@ -93,7 +93,7 @@ def test_manifest_path_outside_the_dataset_root_is_refused(trained_checkpoint: P
     entries[1]["image_filename"] = str(outside)
     (root / "metadata").mkdir()
     (root / "metadata" / "test_metadata.json").write_text(json.dumps(entries))
-    with pytest.raises(ValueError, match="outside the dataset root"):
+    with pytest.raises(ValueError, match="outside the dataset root|must be a path inside"):
         build_index(trained_checkpoint, "test", tmp_path / "index", root=root)
 
 
