@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,19 @@ def served_app(ray_session, trained_checkpoint: Path, demo_root: Path, tmp_path_
 def pytest_collection_modifyitems(config, items):
     """Tests that keep the Serve app up run last: its replicas hold CPUs that Ray Train/Tune tests need."""
     items.sort(key=lambda item: "served_app" in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _mlflow_uri_stays_in_its_module():
+    """`mlflow.set_tracking_uri` (tests, the sweep driver) also sets MLFLOW_TRACKING_URI for subprocesses: without
+    this, a later module's `cman train` / `ray job submit` / sweep would log into an earlier module's store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)  # None unsets the variable too
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
