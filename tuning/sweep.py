@@ -56,8 +56,33 @@ def train_driver(trial: dict[str, Any], base: dict[str, Any], output_dir: str) -
 
     config = trial_config(from_dict(base), trial)
     trial_dir = Path(output_dir) / TRIALS_DIR / tune.get_context().get_trial_id()
+    finished = finished_train_run(trial_dir, config.training.epochs)
+    if finished is not None:  # Tune restarted a trial whose Train run had already ended (driver killed in between)
+        tune.report(finished)
+        return
     loop_config = make_loop_config(config, trial_dir, run=None)
     build_trainer(config, trial_dir, loop_config, callbacks=[TuneReportCallback()], loop=_tune_loop).fit()
+
+
+def finished_train_run(trial_dir: Path, epochs: int) -> dict[str, Any] | None:
+    """The final metrics (+ `checkpoint_path`) of the trial's Train run if it already trained all `epochs`, else None.
+
+    Tune saves its state every few seconds: a sweep driver killed right after a trial ended can leave that trial
+    recorded as running, and `--resume` starts it again. Its Train run then has nothing left to train and would
+    report nothing, which Tune rejects; the trial reports its final epoch instead.
+    """
+    from cman.steps import flat_metrics
+
+    kept = []
+    for meta_path in (trial_dir / "ray_results").glob("*/checkpoint_*/metadata.json"):
+        meta = json.loads(meta_path.read_text())
+        kept.append((int(meta.get("epoch", 0)), meta_path.parent, meta.get("metrics") or {}))
+    if not kept:
+        return None
+    epoch, directory, metrics = max(kept, key=lambda k: k[0])
+    if epoch < epochs or "rsum" not in metrics:
+        return None
+    return {**flat_metrics(metrics), "epoch": epoch, "checkpoint_path": str(directory)}
 
 
 def _tune_loop(loop_config: dict[str, Any]) -> None:
