@@ -90,15 +90,23 @@ class TrialLogger(Callback):
     - params are the four searched values `rank alpha margin lr` (alpha derived from the sampled ratio);
     - metric names are made MLflow-safe (no `>` or `@`), non-numbers dropped, step = training iteration (epoch),
       all of an epoch's metrics in one `log_batch` call;
-    - a resumed sweep reopens the trial's existing run instead of starting a second one.
+    - a resumed sweep reopens the trial's existing run instead of starting a second one, and logs only epochs that
+      run does not hold yet (a restarted trial may report an epoch again: each epoch stays logged once).
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, tags: dict[str, str]):
         self.tracking_uri, self.experiment_id, self.tags = tracking_uri, experiment_id, tags
         self.runs: dict[str, str] = {}  # trial id -> run id
+        self.last_epoch: dict[str, int] = {}  # run id -> last epoch it holds
 
     def __getstate__(self) -> dict:  # Tune checkpoints its callbacks; the client is rebuilt on use
-        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "tags": self.tags, "runs": {}}
+        return {
+            "tracking_uri": self.tracking_uri,
+            "experiment_id": self.experiment_id,
+            "tags": self.tags,
+            "runs": {},
+            "last_epoch": {},
+        }
 
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking_uri)
@@ -109,6 +117,7 @@ class TrialLogger(Callback):
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
             client.set_tag(run_id, "cman.resumed", "true")
+            self.last_epoch[run_id] = int(client.get_run(run_id).data.metrics.get("epoch", 0))
         else:
             tags = {**self.tags, "trial_name": str(trial), "trial_id": trial.trial_id}
             run_id = client.create_run(self.experiment_id, run_name=str(trial), tags=tags).info.run_id
@@ -122,7 +131,10 @@ class TrialLogger(Callback):
         run_id = self.runs.get(trial.trial_id)
         if run_id is None:
             return
-        step, now = int(result.get("training_iteration") or iteration), int(time.time() * 1000)
+        step, now = int(result.get("epoch") or result.get("training_iteration") or iteration), int(time.time() * 1000)
+        if step <= self.last_epoch.get(run_id, 0):
+            return
+        self.last_epoch[run_id] = step
         metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
         self.client().log_batch(run_id, metrics=metrics, synchronous=False)
 
