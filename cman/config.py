@@ -48,6 +48,11 @@ class EncoderConfig(_Section):
         description="spectrogram audio: `dataset` = the extractor's fixed mean/std; `utterance` = per-utterance "
         "mean per mel bin and std removed (speaker/channel normalisation), padding at 0",
     )
+    tokens: Literal["sequence", "mean"] = Field(
+        default="sequence",
+        description="what reaches the fusion transformer: `sequence` = every token of the backbone's last layer; "
+        "`mean` = one token, their masked mean (the sentence embedding of sentence-transformers models)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> EncoderConfig:

@@ -235,7 +235,7 @@ def _load_encoder(
         for param in backbone.parameters():
             param.requires_grad = True
     mc = config.model
-    encoder = ModalityEncoder(modality, backbone, mc.fusion.width, mc.dropout, mc.max_tokens)
+    encoder = ModalityEncoder(modality, backbone, mc.fusion.width, mc.dropout, mc.max_tokens, ecfg.tokens)
     return encoder, load_processor(mod_dir / "processor")
 
 

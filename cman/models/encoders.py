@@ -114,8 +114,17 @@ def _init_zero_embeddings(model: nn.Module) -> nn.Module:
 class ModalityEncoder(nn.Module):
     """HF backbone (+ LoRA) → token sequence projected to the fusion width, with a validity mask."""
 
-    def __init__(self, modality: Modality, backbone: nn.Module, width: int, dropout: float, max_tokens: int) -> None:
+    def __init__(
+        self,
+        modality: Modality,
+        backbone: nn.Module,
+        width: int,
+        dropout: float,
+        max_tokens: int,
+        tokens: str = "sequence",
+    ) -> None:
         super().__init__()
+        self.tokens = tokens
         self.modality = Modality(modality)
         self.backbone = backbone
         hidden = backbone.config.hidden_size
@@ -140,6 +149,10 @@ class ModalityEncoder(nn.Module):
         hidden = out.last_hidden_state  # (batch, seq, hidden)
         if mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        if self.tokens == "mean":  # one token: the masked mean of the last layer (sentence-transformers pooling)
+            w = mask.to(hidden.dtype)[..., None]
+            hidden = (hidden * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0)  # (batch, 1, hidden)
+            mask = mask.any(1, keepdim=True)
         tokens = self.proj(hidden)  # (batch, seq, width)
         return _limit_tokens(tokens, mask, self.max_tokens)
 
@@ -180,4 +193,4 @@ def build_encoder(
     else:
         for param in backbone.parameters():
             param.requires_grad = not cfg.freeze_base
-    return ModalityEncoder(modality, backbone, width, dropout, max_tokens)
+    return ModalityEncoder(modality, backbone, width, dropout, max_tokens, cfg.tokens)
