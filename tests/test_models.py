@@ -178,3 +178,26 @@ def test_from_pretrained_loads_only_requested_modalities(tiny, tmp_path):
     assert fusion_only.modalities == [] and count_parameters(fusion_only)[1] == fusion
     with pytest.raises(ValueError):
         CMAN.from_pretrained(tmp_path / "ckpt", modalities=["video"])
+
+
+def test_mean_token_is_the_masked_mean_whatever_the_padding(tiny, tmp_path):
+    """`model.text.tokens: mean` hands the fusion one token, the mean over the caption's real tokens: padding it
+    beside a longer caption changes nothing, and the setting survives a checkpoint round trip."""
+    model = build_model(pretrained_config(tiny["dirs"], **{"model.text.tokens": "mean"})).eval()
+    proc = model.processors[Modality.TEXT]
+    short, long = "a red circle", "a small red circle on the left beside a large blue square"
+    alone = proc.collate([proc.features(proc.load(short))])
+    padded = proc.collate([proc.features(proc.load(c)) for c in (short, long)])
+    assert padded["attention_mask"].shape[1] > alone["attention_mask"].shape[1]
+    encoder = model.encoders[Modality.TEXT.value]
+    with torch.no_grad():
+        tokens, mask = encoder(alone)
+        tokens_padded, mask_padded = encoder(padded)
+        assert tokens.shape[1] == 1 and mask.tolist() == [[True]] and mask_padded.tolist() == [[True], [True]]
+        torch.testing.assert_close(tokens_padded[:1], tokens, atol=1e-5, rtol=0)
+        before = model.embed_features({Modality.TEXT: padded})
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = CMAN.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.encoders[Modality.TEXT.value].tokens == "mean"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed_features({Modality.TEXT: padded}), before, atol=1e-6, rtol=0)
