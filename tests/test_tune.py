@@ -176,20 +176,20 @@ def test_champion_moves_only_for_a_better_model(tmp_path: Path) -> None:
     import mlflow
     from mlflow import MlflowClient
 
-    from tuning import registry
+    from jobs import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    experiment = registry.ensure_experiment(client, "registry-test", tmp_path / "artifacts")
+    experiment = tracking.ensure_experiment(client, "registry-test", tmp_path / "artifacts")
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     (checkpoint / "config.yaml").write_text("model: {}\n")
     outcomes = []
     for score in (10.0, 5.0, 20.0):
         run_id = client.create_run(experiment).info.run_id
-        registry.log_checkpoint(client, run_id, checkpoint)
-        outcomes.append(registry.register_best(client, run_id, {"test_rsum": score, "val_rsum": score}))
+        tracking.log_checkpoint(client, run_id, checkpoint)
+        outcomes.append(tracking.register_best(client, run_id, {"test_rsum": score, "val_rsum": score}))
     assert [o["promoted"] for o in outcomes] == [True, False, True]
     assert client.get_model_version_by_alias("cman", "champion").version == outcomes[2]["version"]
     assert outcomes[1]["champion_version"] == outcomes[0]["version"]
