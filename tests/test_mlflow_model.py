@@ -17,8 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from tiny import REPO
 
 LOAD_AND_PREDICT = """
 import json, sys
