@@ -118,6 +118,7 @@ class LoraSettings(_Section):
 
 LossKind = Literal["max_margin", "infonce"]
 MarginMode = Literal["hardest", "sum"]
+IndexKind = Literal["flat", "ivf", "hnsw"]
 
 
 class LossConfig(_Section):
@@ -254,7 +255,7 @@ class ServeConfig(_Section):
     max_upload_mb: float = Field(default=10.0, gt=0, description="per uploaded file; the body may hold 3 + 1 MiB")
     num_cpus_per_replica: float = Field(default=0.25, gt=0)
     num_gpus_per_replica: float = Field(default=0.0, ge=0)
-    index_kind: Literal["auto", "flat", "ivf", "hnsw"] = Field(
+    index_kind: Literal["auto", IndexKind] = Field(
         default="auto", description="auto: exact up to index_auto_exact_max items, index_auto_ann above"
     )
     index_auto_exact_max: int = Field(default=100_000, ge=0, description="auto: largest gallery searched exactly")

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from cman.fsutil import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 LOG_DIR = "wal"
@@ -135,7 +137,7 @@ def append(log_dir: Path, line: bytes) -> None:
     finally:
         os.close(fd)
     if not existing:
-        _fsync_dir(log_dir)
+        fsync_dir(log_dir)
 
 
 def start_segment(log_dir: Path) -> list[Path]:
@@ -143,7 +145,7 @@ def start_segment(log_dir: Path) -> list[Path]:
     older = segments(log_dir)
     number = int(older[-1].name[4:12]) + 1 if older else 1
     (log_dir / segment_name(number)).touch()
-    _fsync_dir(log_dir)
+    fsync_dir(log_dir)
     return older
 
 
@@ -157,11 +159,3 @@ def _last_newline(path: Path, size: int) -> int:
     with open(path, "rb") as f:
         data = f.read(size)
     return data.rfind(b"\n") + 1
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

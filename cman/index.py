@@ -26,14 +26,16 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import faiss
 import numpy as np
 
+from cman.config import IndexKind
+from cman.fsutil import fsync_dir, fsync_file
 from cman.modality import Modality
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_KINDS = get_args(IndexKind)  # the allowed values are written once, in cman.config
 FORMAT_VERSION = 1
 IVF_MIN_POINTS_PER_LIST = 39
 INDEX_FILE, ITEMS_FILE, META_FILE, CURRENT = "index.faiss", "items.json", "index.json", "CURRENT"
@@ -235,11 +237,11 @@ class GalleryIndex:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-v-", dir=directory))
         try:
             faiss.write_index(index, str(tmp / INDEX_FILE))
-            _fsync_file(tmp / INDEX_FILE)
+            fsync_file(tmp / INDEX_FILE)
             _write_synced(tmp / ITEMS_FILE, items_text)
             meta["sha256"] = {INDEX_FILE: _sha256(tmp / INDEX_FILE), ITEMS_FILE: _sha256(tmp / ITEMS_FILE)}
             _write_synced(tmp / META_FILE, json.dumps(meta, indent=2))
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             version = directory / f"v-{_next_version(directory)}"
             os.rename(tmp, version)
             switch_symlink(directory / CURRENT, version.name)
@@ -327,23 +329,7 @@ def switch_symlink(link: Path, target: str) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(target, tmp)
     os.replace(tmp, link)
-    _fsync_dir(link.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(link.parent)
 
 
 def _write_synced(path: Path, text: str) -> None:

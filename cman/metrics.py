@@ -38,6 +38,7 @@ DIRECTIONS: tuple[str, ...] = (
     "text->audio",
     "audio->text",
 )
+VAL_METRIC = "val_rsum"  # the validation score every epoch reports: checkpoints, sweeps and the registry rank by it
 
 _QUERY_CHUNK = 1024
 

@@ -28,7 +28,7 @@ from cman.data.cache import FeatureCache, fit_audio_length
 from cman.data.dataset import CMANDataset, Collator, Item, load_split
 from cman.data.sampler import speaker_sampler
 from cman.losses import CMANLoss
-from cman.metrics import EmbeddingSet, evaluate_embeddings, format_table
+from cman.metrics import VAL_METRIC, EmbeddingSet, evaluate_embeddings, format_table
 from cman.modality import Modality
 from cman.models.cman import CMAN, build_model
 from cman.steps import (
@@ -299,7 +299,7 @@ def end_epoch(
 ) -> tuple[dict[str, Any], bool]:
     """Advance the epoch, append its history record; True if `val` improved on the best rsum so far."""
     state.epoch += 1
-    record = {"epoch": state.epoch, "train_loss": stats["loss"], "val_rsum": val["rsum"], "seconds": stats["seconds"]}
+    record = {"epoch": state.epoch, "train_loss": stats["loss"], VAL_METRIC: val["rsum"], "seconds": stats["seconds"]}
     record.update({k: stats[k] for k in ("val_seconds", "started_at") if k in stats})
     state.history.append(record)
     logger.info(

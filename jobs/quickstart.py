@@ -31,9 +31,9 @@ def ensure_dataset(data_dir: Path, counts: dict[str, int] | None = None) -> None
 
 
 def tracking_hint(config: CMANConfig, output_dir: Path) -> str:
-    from jobs.tracking import resolve_tracking_uri
+    from jobs.tracking import tracking_uri
 
-    return f"mlflow ui --backend-store-uri {resolve_tracking_uri(config.mlflow.tracking_uri, output_dir)}"
+    return f"mlflow ui --backend-store-uri {tracking_uri(config.mlflow.tracking_uri, output_dir)}"
 
 
 def train_best(config: CMANConfig, output_dir: Path) -> tuple[Path, dict[str, Any]]:

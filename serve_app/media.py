@@ -12,6 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from cman.fsutil import fsync_dir
 from serve_app.errors import RequestError
 
 MEDIA_DIR = "media"
@@ -67,11 +68,7 @@ def write_media(index_dir: Path, name: str, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def allowed_roots(index_dir: Path) -> list[Path]:

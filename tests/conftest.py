@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import REPO
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,9 +53,8 @@ def trained_checkpoint(demo_root: Path, tmp_path_factory: pytest.TempPathFactory
     from cman.training import fit
 
     out = tmp_path_factory.mktemp("trained")
-    repo = Path(__file__).resolve().parents[1]
     overrides = {"data.root": str(demo_root), "training.epochs": 4, "training.batch_size": 16, "output_dir": str(out)}
-    fit(load_config(repo / "configs" / "demo.yaml", overrides), out, resume=False, progress=False)
+    fit(load_config(REPO / "configs" / "demo.yaml", overrides), out, resume=False, progress=False)
     return out / "checkpoints" / "best"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_demo_config
 
 from cman.config import AudioAugmentConfig
 from cman.data.augment import AudioAugment, real_length
@@ -18,7 +19,6 @@ from cman.data.processors import AudioProcessor, fbank_frames, utterance_normali
 from cman.data.sampler import SpeakerBalancedSampler, speaker_sampler
 from cman.engine import make_loader
 from cman.models.cman import build_model
-from tests.tiny import tiny_demo_config
 
 FULL = AudioAugmentConfig(
     enabled=True,

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from tiny import REPO
 
 from cman.cli import build_parser
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _parsers(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()):

@@ -23,13 +23,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from tiny import ONE_LAYER, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = {
-    "model.text.init.num_hidden_layers": 1,
-    "model.audio.init.num_hidden_layers": 1,
-    "model.image.init.num_hidden_layers": 1,
-    "model.fusion.layers": 1,
+    **ONE_LAYER,
     "training.batch_size": 8,
     "training.eval_batch_size": 32,
     "data.max_items": 24,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import REPO
 
 from cman import gallery_log
 from cman.index import GalleryIndex, open_gallery
@@ -90,9 +91,8 @@ for i in range(25):
 
 def test_two_processes_adding_at_once_lose_nothing_and_see_each_other(tmp_path: Path) -> None:
     store = _store(tmp_path)
-    repo = Path(__file__).resolve().parents[1]
     procs = [
-        subprocess.Popen([sys.executable, "-c", ADDER, str(tmp_path), prefix], cwd=repo, env={"PYTHONPATH": str(repo)})
+        subprocess.Popen([sys.executable, "-c", ADDER, str(tmp_path), prefix], cwd=REPO, env={"PYTHONPATH": str(REPO)})
         for prefix in ("p", "q")
     ]
     assert [p.wait(timeout=60) for p in procs] == [0, 0]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import REPO
 
 from cman.data.dataset import CMANDataset, Collator, load_split
 from cman.index import GalleryIndex
@@ -121,13 +122,12 @@ def test_ray_data_index_equals_single_process_and_resumes_after_a_kill(
 
     single, sharded = tmp_path / "single", tmp_path / "ray"
     build_index(trained_checkpoint, "test", single, root=demo_root)
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(repo)}
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
     settings = ["serve.index_shard_size=2", "serve.index_batch_size=2", "serve.index_cpus_per_actor=0.5"]
     cmd = [sys.executable, "-m", "cman.cli", "index", "--config", str(trained_checkpoint / "config.yaml")]
     cmd += ["--checkpoint", str(trained_checkpoint), "--split", "test", "--out", str(sharded)]
     cmd += [f"--set=data.root={demo_root}", *(f"--set={s}" for s in settings)]
-    proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while not list((sharded / "shards").glob("*/shard-*.npz")) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]

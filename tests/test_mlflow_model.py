@@ -1,5 +1,5 @@
 """The registered `cman@champion` is a real MLflow pyfunc model: the sweep's own logging + registration path
-(`tuning.registry.log_checkpoint` → `jobs.mlflow_model.log_cman_model`, `register_best`) on a real sqlite store;
+(`jobs.tracking.log_checkpoint` → `jobs.mlflow_model.log_cman_model`, `register_best`) on a real sqlite store;
 loaded by `mlflow.pyfunc.load_model` in a fresh process and served by `mlflow models serve` (a real subprocess)."""
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from tiny import REPO
 
 LOAD_AND_PREDICT = """
 import json, sys
@@ -36,16 +35,16 @@ def registry_store(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFa
     import mlflow
     from mlflow import MlflowClient
 
-    from tuning import registry
+    from jobs import tracking
 
     tmp = tmp_path_factory.mktemp("mlflow_model")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    experiment = registry.ensure_experiment(client, "pyfunc-test", tmp / "artifacts")
+    experiment = tracking.ensure_experiment(client, "pyfunc-test", tmp / "artifacts")
     run_id = client.create_run(experiment).info.run_id
-    assert registry.log_checkpoint(client, run_id, trained_checkpoint) == f"runs:/{run_id}/model"
-    model = registry.register_best(client, run_id, {"test_rsum": 1.0, "val_rsum": 1.0})
+    assert tracking.log_checkpoint(client, run_id, trained_checkpoint) == f"runs:/{run_id}/model"
+    model = tracking.register_best(client, run_id, {"test_rsum": 1.0, "val_rsum": 1.0})
     assert model["promoted"]
     return {"uri": uri, "tmp": tmp, "client": client, "run_id": run_id}
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny import REPO, pretrained_config, save_tiny_backbones
 
 from cman.config import ConfigError, load_config
 from cman.engine import fit
 from cman.modality import Modality
 from cman.models.cman import CMAN, build_model
-from tests.tiny import REPO, pretrained_config, save_tiny_backbones
 
 MINILM = REPO.parent / "shared" / "data" / "pretrained" / "all-MiniLM-L6-v2"
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"  # ../shared/data/README.md

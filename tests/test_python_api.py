@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
-
-REPO = Path(__file__).resolve().parents[1]
+from tiny import REPO
 
 
 def test_import_cman_loads_no_heavy_library() -> None:

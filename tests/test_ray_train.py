@@ -7,23 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny import REPO
+from tiny import tiny_config
 
-from cman.config import CMANConfig, load_config
-
-# configs/demo.yaml with 1-layer encoders and fusion, small batches: a few seconds per epoch on 2 cores
-TINY = {
-    "model.text.init.num_hidden_layers": 1,
-    "model.audio.init.num_hidden_layers": 1,
-    "model.image.init.num_hidden_layers": 1,
-    "model.fusion.layers": 1,
-    "training.batch_size": 8,
-    "data.max_items": 24,
-}
-
-
-def tiny_config(root: Path, **overrides) -> CMANConfig:
-    return load_config(REPO / "configs" / "demo.yaml", {**TINY, "data.root": str(root), **overrides})
+SIZES = {"training.batch_size": 8, "data.max_items": 24}  # small batches on top of tiny_config's 1-layer models
 
 
 def steps_logged(output_dir: Path, key: str) -> list[int]:
@@ -44,7 +30,7 @@ def test_in_process_ray_loop_matches_engine_fit(demo_root: Path, tmp_path: Path)
     from cman.training import fit
     from jobs.train import run_training
 
-    config = tiny_config(demo_root, **{"training.epochs": 2, "ray.num_workers": 0})
+    config = tiny_config(demo_root, SIZES, **{"training.epochs": 2, "ray.num_workers": 0})
     ray_report = run_training(config, tmp_path / "ray", track=False)
     fit_report = fit(config, tmp_path / "fit", resume=False, progress=False)
 
@@ -70,7 +56,9 @@ def test_two_workers_restart_after_failure_and_gather_validation(
     monkeypatch.setenv(FAIL_ONCE_ENV, "2")
     out = tmp_path / "run"
     config = tiny_config(
-        demo_root, **{"training.epochs": 2, "ray.num_workers": 2, "ray.max_failures": 1, "training.num_threads": 1}
+        demo_root,
+        SIZES,
+        **{"training.epochs": 2, "ray.num_workers": 2, "ray.max_failures": 1, "training.num_threads": 1},
     )
     report = run_training(config, out)
 
@@ -106,7 +94,7 @@ def test_interrupted_run_continues_when_rerun(
     from jobs.train import FAIL_ONCE_ENV, run_training
 
     out = tmp_path / "run"
-    config = tiny_config(demo_root, **{"training.epochs": 2, "ray.num_workers": 1, "ray.max_failures": 0})
+    config = tiny_config(demo_root, SIZES, **{"training.epochs": 2, "ray.num_workers": 1, "ray.max_failures": 0})
     monkeypatch.setenv(FAIL_ONCE_ENV, "2")
     with pytest.raises(TrainingFailedError):
         run_training(config, out)

@@ -15,25 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import REPO
+from tiny import REPO, tiny_config
 
-from cman.config import CMANConfig, ConfigError, load_config
+from cman.config import ConfigError
 
 EPOCHS = 2
 N_TRIALS = 3
-TINY = {
-    "model.text.init.num_hidden_layers": 1,
-    "model.audio.init.num_hidden_layers": 1,
-    "model.image.init.num_hidden_layers": 1,
-    "model.fusion.layers": 1,
-    "training.batch_size": 16,
-    "training.eval_batch_size": 32,
-    "training.epochs": EPOCHS,
-}
-
-
-def tiny_config(root: Path, **overrides) -> CMANConfig:
-    return load_config(REPO / "configs" / "demo.yaml", {"data.root": str(root), **TINY, **overrides})
+SIZES = {"training.batch_size": 16, "training.eval_batch_size": 32, "training.epochs": EPOCHS}
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +52,7 @@ def sweep(ray_session, tune_root: Path, tmp_path_factory: pytest.TempPathFactory
     db = out.parent / "mlflow.db"
     config = tiny_config(
         tune_root,
+        SIZES,
         **{
             "tune.num_samples": N_TRIALS,
             "tune.max_concurrent": 1,
@@ -176,20 +165,20 @@ def test_champion_moves_only_for_a_better_model(tmp_path: Path) -> None:
     import mlflow
     from mlflow import MlflowClient
 
-    from tuning import registry
+    from jobs import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    experiment = registry.ensure_experiment(client, "registry-test", tmp_path / "artifacts")
+    experiment = tracking.ensure_experiment(client, "registry-test", tmp_path / "artifacts")
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     (checkpoint / "config.yaml").write_text("model: {}\n")
     outcomes = []
     for score in (10.0, 5.0, 20.0):
         run_id = client.create_run(experiment).info.run_id
-        registry.log_checkpoint(client, run_id, checkpoint)
-        outcomes.append(registry.register_best(client, run_id, {"test_rsum": score, "val_rsum": score}))
+        tracking.log_checkpoint(client, run_id, checkpoint)
+        outcomes.append(tracking.register_best(client, run_id, {"test_rsum": score, "val_rsum": score}))
     assert [o["promoted"] for o in outcomes] == [True, False, True]
     assert client.get_model_version_by_alias("cman", "champion").version == outcomes[2]["version"]
     assert outcomes[1]["champion_version"] == outcomes[0]["version"]
@@ -199,11 +188,11 @@ def test_bad_search_space_is_one_error_before_any_trial(tune_root: Path, tmp_pat
     from tuning.sweep import run_sweep
 
     with pytest.raises(ConfigError, match=r"tune\.space\.learning_rate"):
-        tiny_config(tune_root, **{"tune.space.learning_rate": [1e-3, 1e-5]})
+        tiny_config(tune_root, SIZES, **{"tune.space.learning_rate": [1e-3, 1e-5]})
     with pytest.raises(ConfigError, match=r"tune\.space\.rank"):
-        tiny_config(tune_root, **{"tune.space.rank": []})
+        tiny_config(tune_root, SIZES, **{"tune.space.rank": []})
     # a space whose corner makes an invalid trial config (loss.margin <= 2) fails before Ray or MLflow start
-    config = tiny_config(tune_root, **{"tune.space.margin": [0.1, 5.0]})
+    config = tiny_config(tune_root, SIZES, **{"tune.space.margin": [0.1, 5.0]})
     with pytest.raises(ConfigError, match=r"tune\.space\.margin: 5\.0"):
         run_sweep(config, tmp_path / "never")
     assert not (tmp_path / "never").exists()

@@ -1,26 +1,14 @@
-"""Tiny HF backbones and configs for tests: built in code, saved and loaded through `from_pretrained`."""
+"""What the tests share: the repo root, tiny configs, tiny HF backbones built in code (loaded via `from_pretrained`).
+
+Light to import (transformers only loads when a backbone is built), so any test module can take `REPO` from here.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from transformers import (
-    ASTConfig,
-    ASTFeatureExtractor,
-    ASTModel,
-    HubertConfig,
-    HubertModel,
-    RobertaConfig,
-    RobertaModel,
-    ViTConfig,
-    ViTImageProcessorPil,
-    ViTModel,
-    Wav2Vec2FeatureExtractor,
-)
-
 from cman.config import CMANConfig, load_config
-from cman.data.text import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = [
@@ -30,10 +18,40 @@ CAPTIONS = [
     "on the left a large yellow triangle",
 ]
 _TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+# configs/demo.yaml with 1-layer encoders and fusion: a few seconds per epoch on 2 cores
+ONE_LAYER = {
+    "model.text.init.num_hidden_layers": 1,
+    "model.audio.init.num_hidden_layers": 1,
+    "model.image.init.num_hidden_layers": 1,
+    "model.fusion.layers": 1,
+}
+
+
+def tiny_config(root: Path | str, sizes: dict[str, Any] | None = None, **overrides: Any) -> CMANConfig:
+    """configs/demo.yaml on the dataset at `root` with 1-layer models (`ONE_LAYER`), then `sizes`, then `overrides`
+    (dotted keys: `tiny_config(root, SIZES, **{"training.epochs": 2})`)."""
+    sets = {"data.root": str(root), **ONE_LAYER, **(sizes or {}), **overrides}
+    return load_config(REPO / "configs" / "demo.yaml", sets)
 
 
 def save_tiny_backbones(root: Path, audio: str = "ast") -> dict[str, Path]:
     """Write tiny RoBERTa / AST-or-HuBERT / ViT checkpoints (+ processors) under `root`; return their dirs."""
+    from transformers import (
+        ASTConfig,
+        ASTFeatureExtractor,
+        ASTModel,
+        HubertConfig,
+        HubertModel,
+        RobertaConfig,
+        RobertaModel,
+        ViTConfig,
+        ViTImageProcessorPil,
+        ViTModel,
+        Wav2Vec2FeatureExtractor,
+    )
+
+    from cman.data.text import train_tokenizer
+
     dirs = {m: root / m for m in ("text", "audio", "image")}
     tok = train_tokenizer(CAPTIONS * 5, vocab_size=120)
     RobertaModel(RobertaConfig(vocab_size=len(tok), max_position_embeddings=40, **_TINY)).save_pretrained(dirs["text"])

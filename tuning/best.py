@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from cman.metrics import VAL_METRIC
 from cman.training import evaluate_checkpoint, write_eval
 
 logger = logging.getLogger(__name__)
 
-METRIC = "val_rsum"
 SKIP_FILES = ("training_state.json", "training_state.safetensors")  # optimiser state: not needed to use the model
 
 
@@ -22,11 +22,11 @@ def best_checkpoint(result) -> tuple[Path, float]:
     history = result.metrics_dataframe
     if history is None or "checkpoint_path" not in history:
         raise RuntimeError(f"trial {result.path} reported no checkpoint; nothing to keep")
-    rows = history.dropna(subset=["checkpoint_path"]).sort_values(METRIC, ascending=False, kind="stable")
+    rows = history.dropna(subset=["checkpoint_path"]).sort_values(VAL_METRIC, ascending=False, kind="stable")
     for _, row in rows.iterrows():
         path = Path(str(row["checkpoint_path"]))
         if path.is_dir():
-            return path, float(row[METRIC])
+            return path, float(row[VAL_METRIC])
     # The Train run may have gone on after the last result Tune recorded (ASHA's stop reaches the trial a moment
     # later) and replaced those checkpoints by newer ones: take the best that the run itself kept.
     kept = sorted(Path(str(rows.iloc[0]["checkpoint_path"])).parent.glob("checkpoint_*"))
@@ -42,13 +42,13 @@ def _checkpoint_rsum(directory: Path) -> float:
 
 def best_result(results):
     """The trial with the highest val rsum at any epoch (ASHA-stopped trials compete with what they reached)."""
-    scored = [r for r in results if r.metrics_dataframe is not None and METRIC in r.metrics_dataframe]
-    scored = [r for r in scored if not math.isnan(r.metrics_dataframe[METRIC].max())]
+    scored = [r for r in results if r.metrics_dataframe is not None and VAL_METRIC in r.metrics_dataframe]
+    scored = [r for r in scored if not math.isnan(r.metrics_dataframe[VAL_METRIC].max())]
     if not scored:
         errors = [str(r.error).splitlines()[0] for r in results if r.error]
         detail = f"; first error: {errors[0]}" if errors else ""
-        raise RuntimeError(f"no trial reported {METRIC} ({len(results)} trials){detail}")
-    return max(scored, key=lambda r: r.metrics_dataframe[METRIC].max())
+        raise RuntimeError(f"no trial reported {VAL_METRIC} ({len(results)} trials){detail}")
+    return max(scored, key=lambda r: r.metrics_dataframe[VAL_METRIC].max())
 
 
 def copy_checkpoint(source: Path, target: Path) -> Path:

@@ -11,11 +11,10 @@ from typing import Any
 import optuna
 import pandas as pd
 
+from cman.metrics import VAL_METRIC
 from tuning.space import PARAM_NAMES, trial_params
 
 logger = logging.getLogger(__name__)
-
-METRIC = "val_rsum"
 
 
 def results_table(results) -> pd.DataFrame:
@@ -23,7 +22,7 @@ def results_table(results) -> pd.DataFrame:
     rows = []
     for result in results:
         history = result.metrics_dataframe
-        curve = history[METRIC].dropna().tolist() if history is not None and METRIC in history else []
+        curve = history[VAL_METRIC].dropna().tolist() if history is not None and VAL_METRIC in history else []
         metrics = result.metrics or {}
         rows.append(
             {
@@ -31,8 +30,8 @@ def results_table(results) -> pd.DataFrame:
                 "status": "ERROR" if result.error else "TERMINATED",
                 **trial_params(result.config),
                 "epochs": int(metrics.get("training_iteration") or len(curve)),
-                f"last_{METRIC}": curve[-1] if curve else math.nan,
-                f"best_{METRIC}": max(curve) if curve else math.nan,
+                f"last_{VAL_METRIC}": curve[-1] if curve else math.nan,
+                f"best_{VAL_METRIC}": max(curve) if curve else math.nan,
                 "path": result.path,
             }
         )
@@ -58,8 +57,8 @@ def curves(results) -> dict[str, list[float]]:
     out = {}
     for result in results:
         history = result.metrics_dataframe
-        if history is not None and METRIC in history:
-            out[Path(result.path).name] = history[METRIC].dropna().tolist()
+        if history is not None and VAL_METRIC in history:
+            out[Path(result.path).name] = history[VAL_METRIC].dropna().tolist()
     return out
 
 
@@ -91,17 +90,17 @@ def importance_study(table: pd.DataFrame) -> optuna.Study:
         "margin": optuna.distributions.FloatDistribution(table["margin"].min(), table["margin"].max() + 1e-9),
         "lr": optuna.distributions.FloatDistribution(table["lr"].min(), table["lr"].max() * (1 + 1e-9), log=True),
     }
-    for row in table.dropna(subset=[f"best_{METRIC}"]).itertuples():
+    for row in table.dropna(subset=[f"best_{VAL_METRIC}"]).itertuples():
         params = {name: getattr(row, name) for name in PARAM_NAMES}
         params["rank"] = int(params["rank"])
-        value = getattr(row, f"best_{METRIC}")
+        value = getattr(row, f"best_{VAL_METRIC}")
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value))
     return study
 
 
 def param_importance(table: pd.DataFrame, seed: int = 0) -> dict[str, float]:
     """fANOVA importance of `rank alpha margin lr` for the best val rsum; empty if there is too little to compare."""
-    if len(table.dropna(subset=[f"best_{METRIC}"])) < 2:
+    if len(table.dropna(subset=[f"best_{VAL_METRIC}"])) < 2:
         return {}
     try:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)

@@ -232,7 +232,7 @@ def _mlflow_setup(config: CMANConfig, output_dir: Path, resume: bool) -> dict[st
     import mlflow
     from mlflow import MlflowClient
 
-    from tuning import registry
+    from jobs import tracking as registry  # all MLflow lives in jobs.tracking
 
     uri = registry.tracking_uri(config.mlflow.tracking_uri, output_dir)
     mlflow.set_tracking_uri(uri)
@@ -265,8 +265,8 @@ def _finish(config: CMANConfig, output_dir: Path, results, mlflow_state: dict[st
     """Best trial → D/best (+ test eval), report files, MLflow parent artifacts, model registry."""
     from mlflow import MlflowClient
 
+    from jobs import tracking as registry  # all MLflow lives in jobs.tracking
     from tuning import best as best_mod
-    from tuning import registry
     from tuning.report import write_report
 
     client = MlflowClient(mlflow_state["tracking_uri"])
@@ -360,7 +360,7 @@ def run_sweep(
     import ray
 
     from jobs import cluster
-    from tuning.registry import TrialLogger
+    from jobs.tracking import TrialLogger
     from tuning.resources import ReleasePlacementGroups
 
     output_dir = Path(output_dir).resolve()

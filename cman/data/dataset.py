@@ -199,6 +199,3 @@ class Collator:
                 batch["present"][modality] = present
                 batch["keys"][modality] = [r["keys"][modality] for r in good if modality in r["features"]]
         return batch
-
-
-CollateFn = Callable[[list[dict[str, Any] | None]], dict[str, Any]]

@@ -1,4 +1,4 @@
-"""MLflow for sweeps: the sweep experiment and parent run, one child run per trial, the `cman@champion` model.
+"""MLflow for sweeps: the sweep's parent run, one child run per trial (the `TrialLogger` Tune callback).
 
 Only the Tune driver process talks to MLflow (trial workers never do), so a sqlite store has a single writer.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -16,40 +15,10 @@ from mlflow.entities import Metric, Param, ViewType
 from mlflow.exceptions import MlflowException
 from ray.tune import Callback
 
-from jobs.tracking import metric_name, resolve_tracking_uri
+from jobs.tracking.store import numeric_metrics
 from tuning.space import trial_params
 
 logger = logging.getLogger(__name__)
-
-MODEL_NAME = "cman"
-ALIAS = "champion"
-PARENT_TAG = "mlflow.parentRunId"
-SCORE_TAGS = ("test_rsum", "val_rsum")  # compared in this order when deciding whether a model beats the champion
-
-
-def tracking_uri(config_uri: str | None, output_dir: Path) -> str:
-    """`MLFLOW_TRACKING_URI`, else `config.mlflow.tracking_uri`, else sqlite under `output_dir`; always absolute."""
-    return resolve_tracking_uri(config_uri, output_dir)
-
-
-def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
-    out = {}
-    for key, value in result.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        out[metric_name(key)] = float(value)
-    return out
-
-
-def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path) -> str:
-    """Experiment id of `name`, created with an absolute artifact location (sqlite stores need one) if missing."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-    artifact_root.mkdir(parents=True, exist_ok=True)
-    return client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
 
 
 def parent_run(client: MlflowClient, experiment_id: str, run_id: str | None, params: dict[str, Any]) -> str:
@@ -164,52 +133,3 @@ def trial_runs(client: MlflowClient, experiment_id: str) -> dict[str, str]:
     """`{trial_id: run_id}` of the experiment's trial runs."""
     runs = client.search_runs([experiment_id], "tags.trial_id != ''", max_results=10_000)
     return {r.data.tags["trial_id"]: r.info.run_id for r in runs}
-
-
-# ---- model registry --------------------------------------------------------------------------------------------
-def log_checkpoint(client: MlflowClient, run_id: str, checkpoint: Path) -> str:
-    """Log `checkpoint` as the run's pyfunc model `model/` (jobs/mlflow_model.py), ready to register."""
-    from jobs.mlflow_model import log_cman_model
-
-    return log_cman_model(client, run_id, checkpoint, "model")
-
-
-def champion(client: MlflowClient) -> Any | None:
-    try:
-        return client.get_model_version_by_alias(MODEL_NAME, ALIAS)
-    except MlflowException:
-        return None
-
-
-def _score(tags: dict[str, str]) -> tuple[float, ...]:
-    return tuple(float(tags.get(k, "-inf")) for k in SCORE_TAGS)
-
-
-def register_best(client: MlflowClient, run_id: str, scores: dict[str, float]) -> dict[str, Any]:
-    """Register `runs:/<run_id>/model` as a new version of `cman`; move `@champion` to it only if it scores higher.
-
-    `scores` holds `test_rsum` (and `val_rsum`); they are stored as version tags, so the next sweep can compare.
-    """
-    tags = {k: f"{float(v):.6f}" for k, v in scores.items() if v is not None}
-    version = mlflow.register_model(f"runs:/{run_id}/model", MODEL_NAME, tags=tags)
-    current = champion(client)
-    promoted = current is None or _score(tags) > _score(current.tags)
-    if promoted:
-        client.set_registered_model_alias(MODEL_NAME, ALIAS, version.version)
-        logger.info("model %s version %s is now @%s (%s)", MODEL_NAME, version.version, ALIAS, tags)
-    else:
-        logger.info(
-            "model %s version %s registered; @%s stays on version %s (%s >= %s)",
-            MODEL_NAME,
-            version.version,
-            ALIAS,
-            current.version,
-            dict(current.tags),
-            tags,
-        )
-    return {
-        "name": MODEL_NAME,
-        "version": version.version,
-        "promoted": promoted,
-        "champion_version": version.version if promoted else current.version,
-    }
