@@ -353,10 +353,12 @@ def _version() -> str:
     return __version__
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("transformers", "huggingface_hub", "peft", "urllib3", "filelock", "tensorboardX"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    if not verbose:
+        from jobs.cluster import quiet_libraries
+
+        quiet_libraries()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    _quiet_libraries()
+    _quiet_libraries(args.verbose)
     os.environ["CMAN_VERBOSE"] = "1" if args.verbose else os.environ.get("CMAN_VERBOSE", "")
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -47,7 +47,10 @@ def connect(
     if not verbose:
         env_vars = {**QUIET_WORKER_ENV, **env_vars}
         os.environ.update({k: v for k, v in QUIET_WORKER_ENV.items() if k not in os.environ})
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
+    runtime_env: dict[str, Any] = {"env_vars": env_vars}
+    if not verbose:  # every Ray worker process (Train controllers and workers, Tune trials) starts quiet
+        runtime_env["worker_process_setup_hook"] = "jobs.cluster.quiet_worker_process"
+    kwargs: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": True}
     if not verbose:
         kwargs["logging_level"] = logging.WARNING
     if not address:
@@ -90,6 +93,36 @@ class session:  # noqa: N801 - used like a function: `with cluster.session(addre
 
 def is_verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+QUIET_LOGGERS = {  # logger -> level, in the CLI process and (see `quiet_worker_process`) every Ray worker process
+    "transformers": logging.ERROR,
+    "huggingface_hub": logging.ERROR,
+    "peft": logging.ERROR,
+    "faiss": logging.WARNING,  # "Loading faiss with AVX2 support", "Successfully loaded faiss"
+    "mlflow.store.db.utils": logging.WARNING,  # "Creating initial MLflow database tables" per new store
+    "alembic": logging.WARNING,
+    "optuna": logging.WARNING,  # "A new study created in memory"
+    "urllib3": logging.ERROR,
+    "filelock": logging.ERROR,
+    "tensorboardX": logging.ERROR,
+}
+
+
+def quiet_libraries() -> None:
+    """The libraries' INFO chatter off (`QUIET_LOGGERS`); `cman -v` does not call this."""
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def quiet_worker_process() -> None:
+    """Ray's `worker_process_setup_hook` (set by `connect` unless verbose): runs at the start of every worker process.
+
+    Ray Train's controller and worker INFO lines per run and per report ("Requesting resources", "Attempting to start
+    training worker group", "Setting up process group", "Reporting training result", "Checkpoint successfully
+    created") and the libraries' chatter are turned off; warnings and errors still reach the console."""
+    quiet_libraries()
+    quiet_train_worker_logs()
 
 
 def quiet_train_worker_logs() -> None:

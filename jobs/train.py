@@ -30,7 +30,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch.utils.data import DistributedSampler
 
@@ -80,6 +80,8 @@ class RayHooks(TrainHooks):
             set_worker_threads(config)
         if not loop_config.get("verbose"):
             cluster.quiet_train_worker_logs()
+            if not loop_config.get("log_epochs", True):  # under Tune: its status table reports the epochs
+                logging.getLogger("cman").setLevel(logging.WARNING)
 
     @contextlib.contextmanager
     def checkpoint_dir(self):
@@ -131,7 +133,7 @@ class RayHooks(TrainHooks):
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
         seconds = time.perf_counter() - started
         if self.rank == 0:
-            logger.info("epoch %d: report%s %.2fs", state.epoch, " + checkpoint" if save else "", seconds)
+            logger.debug("epoch %d: report%s %.2fs", state.epoch, " + checkpoint" if save else "", seconds)
         if self.run is not None and self.rank == 0:
             logged = {k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch")}
             tracking.log_metrics(self.run, {**logged, "report_seconds": seconds}, step=state.epoch)
@@ -211,6 +213,8 @@ def build_trainer(
         ),  # the latest is always kept as well
         failure_config=FailureConfig(max_failures=rc.max_failures),
         callbacks=callbacks,
+        # Ray Train's own INFO lines per run and per report (resources, worker group, process group, reports)
+        logging_config=LoggingConfig(log_level="INFO" if loop_config.get("verbose") else "WARNING"),
     )
     scaling = ScalingConfig(
         num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=dict(rc.resources_per_worker)

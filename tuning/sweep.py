@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 METRIC, MODE = "val_rsum", "max"
 EXPERIMENT_DIR = "tune"  # Tune's experiment folder under the output directory (what --resume restores)
 TRIALS_DIR = "trials"  # Ray Train runs (checkpoints), one per trial id
+REPORT_EVERY_S = 60  # Tune's status table: at most once a minute (and once at the end)
 STATE_FILE = "sweep.json"  # MLflow ids, so a resumed sweep keeps logging into the same parent run
 
 DRIVER_CPU_SHARE = 0.1  # part of tune.cpus_per_trial taken by the trial's driver; the Train workers get the rest
@@ -60,7 +61,7 @@ def train_driver(trial: dict[str, Any], base: dict[str, Any], output_dir: str) -
     if finished is not None:  # Tune restarted a trial whose Train run had already ended (driver killed in between)
         tune.report(finished)
         return
-    loop_config = make_loop_config(config, trial_dir, run=None)
+    loop_config = {**make_loop_config(config, trial_dir, run=None), "log_epochs": False}
     build_trainer(config, trial_dir, loop_config, callbacks=[TuneReportCallback()], loop=_tune_loop).fit()
 
 
@@ -131,12 +132,18 @@ def _trainable(config: CMANConfig, output_dir: Path):
 
 # ---- the Tuner ------------------------------------------------------------------------------------------------
 def _reporter(config: CMANConfig):
+    """Tune's classic status table with our columns. Tune's newer output engine (the default) ignores a passed
+    reporter ("AIR_VERBOSITY is set, ignoring passed-in ProgressReporter") and prints every metric of every trial."""
+    import os
+
     from ray.tune import CLIReporter
+
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # read by Tuner.fit in this (the driver) process
 
     return CLIReporter(
         parameter_columns={"rank": "rank", "alpha_ratio": "alpha/rank", "margin": "margin", "lr": "lr"},
         metric_columns={"training_iteration": "epoch", "train_loss": "loss", METRIC: METRIC},
-        max_report_frequency=30,
+        max_report_frequency=REPORT_EVERY_S,
         sort_by_metric=True,
         metric=METRIC,
         mode=MODE,

@@ -21,6 +21,7 @@ from cman.data.processors import Processor, build_processor, load_processor
 from cman.modality import Modality
 from cman.models.encoders import ModalityEncoder, build_encoder, fingerprint, load_backbone, weights_sha256
 from cman.models.fusion import FusionTransformer
+from cman.models.lora import peft_wrapping
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +231,8 @@ def _load_encoder(
     _check_fingerprint(name, base_meta, backbone.config, directory)
     _check_weights(name, base_meta, ecfg.pretrained, directory)
     if (mod_dir / "adapter").is_dir():
-        backbone = PeftModel.from_pretrained(backbone, mod_dir / "adapter", is_trainable=trainable)
+        with peft_wrapping():
+            backbone = PeftModel.from_pretrained(backbone, mod_dir / "adapter", is_trainable=trainable)
     if trainable and not ecfg.freeze_base:
         for param in backbone.parameters():
             param.requires_grad = True

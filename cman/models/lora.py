@@ -7,6 +7,9 @@ RoBERTa keeps `query/key/value`: the table below is the one place that knows it.
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -46,10 +49,21 @@ def lora_targets(model: nn.Module, model_type: str, override: list[str] | None =
     )
 
 
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around peft's PeftModel construction: peft 0.21 (the newest) reads transformers 5's deprecated
+    `is_gradient_checkpointing` alias, which warns once per process on every worker and replica. That one
+    FutureWarning, raised inside peft, is not ours to act on; everything else still warns."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(backbone: nn.Module, cfg: LoraSettings, targets: list[str], freeze_base: bool) -> nn.Module:
     """Wrap `backbone` with LoRA adapters on `targets`; base weights stay trainable only if `freeze_base` is false."""
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none")
-    model = get_peft_model(backbone, lora)
+    with peft_wrapping():
+        model = get_peft_model(backbone, lora)
     if not freeze_base:
         for name, param in model.named_parameters():
             if "lora_" not in name:
