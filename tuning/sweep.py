@@ -21,7 +21,8 @@ from typing import Any
 from cman.config import CMANConfig, from_dict
 from jobs import storage
 from jobs.storage import RunLocation
-from tuning.space import baseline_point, param_space, trial_config, trial_params, validate_space
+from tuning.search import storage_url
+from tuning.space import param_space, trial_config, trial_params, validate_space
 
 logger = logging.getLogger(__name__)
 
@@ -153,15 +154,15 @@ def _reporter(config: CMANConfig):
     )
 
 
-def build_tuner(config: CMANConfig, where: RunLocation, callbacks: list) -> Any:
+def build_tuner(config: CMANConfig, where: RunLocation, callbacks: list, study_name: str) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from jobs import cluster
+    from tuning.search import make_searcher
 
     tc = config.tune
-    searcher = OptunaSearch(points_to_evaluate=[baseline_point(config)], seed=tc.seed)
+    searcher = make_searcher(config, study_name)
     epochs = config.training.epochs
     scheduler = ASHAScheduler(
         time_attr="training_iteration",
@@ -192,7 +193,7 @@ def build_tuner(config: CMANConfig, where: RunLocation, callbacks: list) -> Any:
     )
 
 
-def _fit(config: CMANConfig, where: RunLocation, resume: bool, callbacks: list):
+def _fit(config: CMANConfig, where: RunLocation, resume: bool, callbacks: list, study_name: str):
     from ray import tune
 
     if resume:
@@ -204,7 +205,7 @@ def _fit(config: CMANConfig, where: RunLocation, resume: bool, callbacks: list):
             storage_filesystem=_ray_fs(where),
         )
     else:
-        tuner = build_tuner(config, where, callbacks)
+        tuner = build_tuner(config, where, callbacks, study_name)
     return tuner.fit()
 
 
@@ -370,6 +371,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     verdict = "now @champion" if model["promoted"] else f"@champion stays on version {model['champion_version']}"
     print(f"registered model {model['name']} version {model['version']} ({verdict})")
     print(f"MLflow: mlflow ui --backend-store-uri {state['tracking_uri']}   (experiment {state['experiment']})")
+    if "optuna" in summary:
+        print(f"Optuna: optuna-dashboard {summary['optuna']['storage']}   (study {summary['optuna']['study_name']})")
 
 
 def run_sweep(
@@ -397,6 +400,7 @@ def run_sweep(
     config = _absolute_paths(config, where.output)
     _check_output_dir(where, resume)
     mlflow_state = _mlflow_setup(config, local, resume)
+    study_name = f"{mlflow_state['experiment']}-{mlflow_state['parent_run_id'][:8]}"
     started = cluster.connect(address)  # False when the caller (a test, a job) already runs Ray
     try:
         logger_cb = TrialLogger(
@@ -405,7 +409,7 @@ def run_sweep(
             tags={"mlflow.parentRunId": mlflow_state["parent_run_id"], "cman.kind": "trial"},
         )
         releaser = ReleasePlacementGroups(str(local / TRIALS_DIR))
-        results = _fit(config, where, resume, [logger_cb, releaser])
+        results = _fit(config, where, resume, [logger_cb, releaser], study_name)
         finished = _finished_trials(where)
         if finished < config.tune.num_samples:
             local_flag = f" --local-dir {local}" if where.remote else ""
@@ -418,6 +422,8 @@ def run_sweep(
         if started:
             ray.shutdown()
     summary["storage"] = where.output
+    if config.tune.optuna_storage:
+        summary["optuna"] = {"storage": storage_url(config.tune.optuna_storage), "study_name": study_name}
     (local / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     _print_summary(summary)
     return summary
