@@ -38,6 +38,22 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+STORAGE_HELP = (
+    "a folder, or a storage URI (s3://bucket/path, gs://..., file:///abs/path, any pyarrow filesystem) for Ray's "
+    "results and checkpoints on clusters without a shared disk"
+)
+LOCAL_DIR_HELP = (
+    "with a storage URI --output-dir: the local folder for everything else (MLflow store, reports, exported "
+    "checkpoints); default ./cman-runs/<bucket>/<path>"
+)
+
+
+def _storage_args(p: argparse.ArgumentParser, default: str | None, what: str) -> None:
+    """--output-dir (a folder or a storage URI) and --local-dir."""
+    _flag(p, "--output-dir", default=default, help=f"{what}: {STORAGE_HELP}")
+    _flag(p, "--local-dir", help=LOCAL_DIR_HELP)
+
+
 def _flag(p: argparse.ArgumentParser, name: str, **kwargs: Any) -> argparse.Action:
     """A dash-style option; its underscore spelling (`--output_dir`, earlier releases) is accepted but hidden."""
     action = p.add_argument(name, **kwargs)
@@ -108,7 +124,7 @@ def _training_commands(sub: Any) -> None:
     """train, eval, tune."""
     p = sub.add_parser("train", help="train a model (Ray Train; --in-process for a plain loop)")
     _config_args(p)
-    _flag(p, "--output-dir", help="where checkpoints, metrics and the MLflow store go (default: config's)")
+    _storage_args(p, None, "where checkpoints, metrics and the MLflow store go (default: the config's output_dir)")
     _flag(p, "--batch-size", type=int, help="per-worker training batch size (training.batch_size)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--debug", action="store_true", help="tiny run: 2 epochs on 64 items per split")
@@ -121,14 +137,19 @@ def _training_commands(sub: Any) -> None:
     _config_args(p)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="test")
-    _flag(p, "--output-dir", help="where eval_<split>.json goes (default: the config's output_dir)")
+    _flag(
+        p,
+        "--output-dir",
+        help="where eval_<split>.json goes (default: the config's output_dir; for a storage URI its local folder "
+        "./cman-runs/<bucket>/<path>)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("tune", help="Ray Tune + Optuna sweep over LoRA rank/alpha, margin and learning rate")
     _config_args(p)
     _flag(p, "--num-samples", type=int, help="number of trials (tune.num_samples)")
     _flag(p, "--max-concurrent", type=int, help="trials running at once (tune.max_concurrent)")
-    _flag(p, "--output-dir", help="sweep directory (default: the config's output_dir)")
+    _storage_args(p, None, "sweep directory (default: the config's output_dir)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in OUTPUT_DIR")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=cmd_tune)
@@ -162,7 +183,7 @@ def _serving_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("quickstart", help="the main job, offline: demo-data -> tune -> index -> serve")
-    _flag(p, "--output-dir", default="outputs/quickstart", help="everything goes here (default outputs/quickstart)")
+    _storage_args(p, "outputs/quickstart", "everything goes here (default outputs/quickstart)")
     _flag(p, "--num-samples", type=int, default=None, help="sweep trials (default 4)")
     _flag(p, "--no-serve", action="store_true", help="stop after the index (no HTTP service)")
     p.add_argument(
@@ -263,19 +284,28 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cman.metrics import format_table
+    from jobs.storage import locate
 
     config = _load(args, _train_overrides(args))
-    output_dir = Path(config.output_dir).resolve()
+    where = locate(config.output_dir, args.local_dir)  # a bad URI or flag: one clear error before anything starts
     if args.in_process:
+        if where.remote:
+            raise ValueError(
+                f"--in-process trains without Ray, so there are no Ray results to store at {where.output}: "
+                "give --output-dir a local folder"
+            )
         from cman.training import fit
 
-        report = fit(config, output_dir, resume=not args.no_resume)
+        report = fit(config, where.local_dir, resume=not args.no_resume)
     else:
         from jobs.train import run_training
 
-        report = run_training(config, output_dir, address=args.address, resume=not args.no_resume)
+        resume = not args.no_resume
+        report = run_training(config, where.output, address=args.address, resume=resume, local_dir=where.local_dir)
     print(format_table(report["test"]))
-    print(f"checkpoints: {output_dir / 'checkpoints'}  metrics: {report['eval_path']}")
+    print(f"checkpoints: {where.local_dir / 'checkpoints'}  metrics: {report['eval_path']}")
+    if where.remote:
+        print(f"Ray results and checkpoints: {where.describe('ray_results')}")
     return 0
 
 
@@ -285,8 +315,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = _load(args)
     result = evaluate_checkpoint(args.checkpoint, args.split, root=config.data.root, progress=True)
-    out = Path(args.output_dir or config.output_dir)
-    path = write_eval(out, args.split, result)
+    out = args.output_dir or config.output_dir
+    if "://" in str(out):  # a storage URI: eval_<split>.json goes to its local folder (jobs.storage)
+        from jobs.storage import default_local_dir
+
+        out = default_local_dir(str(out))
+    path = write_eval(Path(out), args.split, result)
     print(format_table(result))
     print(f"written to {path}")
     return 0
@@ -301,7 +335,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         "output_dir": args.output_dir,
     }
     config = _load(args, extra)
-    run_sweep(config, Path(config.output_dir).resolve(), resume=args.resume, address=args.address)
+    run_sweep(config, config.output_dir, resume=args.resume, address=args.address, local_dir=args.local_dir)
     return 0
 
 
@@ -337,7 +371,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     overrides = dict(parse_override(item) for item in args.overrides)
     quickstart(
-        Path(args.output_dir),
+        args.output_dir,
+        local_dir=args.local_dir,
         num_samples=args.num_samples,
         serve=not args.no_serve,
         port=args.port,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -233,6 +234,21 @@ class TuneConfig(_Section):
     reduction_factor: int = Field(default=2, ge=2)
     seed: int = 0
     space: TuneSpace = TuneSpace()
+    optuna_storage: str | None = Field(
+        default=None,
+        description="Optuna RDB storage URL (sqlite:///sweeps/optuna.db, postgresql://...) holding the sweep's study, "
+        "to watch with optuna-dashboard or optuna.load_study; default: in memory",
+    )
+
+    @field_validator("optuna_storage")
+    @classmethod
+    def _storage_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[A-Za-z][\w+.-]*://", v):
+            raise ValueError(
+                f"{v!r} is not a database URL: give an SQLAlchemy URL such as sqlite:///optuna.db (relative path) or "
+                "sqlite:////abs/optuna.db, or leave it unset for an in-memory study"
+            )
+        return v
 
 
 class Autoscaling(_Section):

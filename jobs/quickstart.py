@@ -1,7 +1,9 @@
 """`cman quickstart`, beside the other Ray runners: the main job, offline — demo data → sweep → index → serve.
 
 Everything lands in OUTPUT_DIR: `data/` (embedded dataset), the sweep (`tune/`, `trials/`, `mlflow.db`, `best/` with
-`eval_test.json`), `index/`. Re-running reuses what is already there (dataset, finished sweep, index).
+`eval_test.json`), `index/`. Re-running reuses what is already there (dataset, finished sweep, index). OUTPUT_DIR may
+be a storage URI (`jobs.storage`): then only the sweep's Ray results (`tune/`, `trials/`) go there and the rest to the
+local folder (`--local-dir`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from cman.api import bundled_config
 from cman.config import CMANConfig, load_config
+from jobs.storage import RunLocation, locate
 
 logger = logging.getLogger(__name__)
 
@@ -36,40 +39,44 @@ def tracking_hint(config: CMANConfig, output_dir: Path) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri(config.mlflow.tracking_uri, output_dir)}"
 
 
-def train_best(config: CMANConfig, output_dir: Path) -> tuple[Path, dict[str, Any]]:
+def train_best(config: CMANConfig, where: RunLocation) -> tuple[Path, dict[str, Any]]:
     """Run the sweep (or reuse a finished one); return the best checkpoint and its test result."""
-    best = output_dir / "best"
+    best = where.local_dir / "best"
     if (best / "eval_test.json").is_file():
-        logger.info("finished sweep found in %s (reused; delete it to start over)", output_dir)
+        logger.info("finished sweep found in %s (reused; delete it to start over)", where.local_dir)
         return best, json.loads((best / "eval_test.json").read_text())
     from tuning.sweep import EXPERIMENT_DIR, run_sweep
 
-    resume = (output_dir / EXPERIMENT_DIR).exists()
+    resume = where.exists(EXPERIMENT_DIR)
     logger.info("tune sweep: %d trials (%s)", config.tune.num_samples, "resuming" if resume else "new")
-    summary = run_sweep(config, output_dir, resume=resume)
+    local_dir = where.local_dir if where.remote else None
+    summary = run_sweep(config, where.output, resume=resume, local_dir=local_dir)
     return Path(summary["best_checkpoint"]), summary["test"]
 
 
 def quickstart(
-    output_dir: Path,
+    output_dir: str | Path,
     num_samples: int | None = None,
     serve: bool = True,
     port: int = 8000,
     overrides: dict[str, Any] | None = None,
     dataset_counts: dict[str, int] | None = None,
+    local_dir: str | Path | None = None,
 ) -> dict:
     """Demo data → sweep → index → print the test table → serve (if `serve`). Returns paths and the test result.
 
-    `overrides` (config keys) and `dataset_counts` (items per split) shrink the run for smoke tests.
+    `overrides` (config keys) and `dataset_counts` (items per split) shrink the run for smoke tests. `output_dir` may
+    be a storage URI for the sweep's Ray results; the rest then goes to `local_dir` (`jobs.storage.locate`).
     """
     from jobs import cluster
 
+    where = locate(output_dir, local_dir)  # a bad URI is one clear error before Ray starts
     with cluster.session():  # one Ray (with its dashboard) for the sweep, the index and serving
-        return _run(Path(output_dir).resolve(), num_samples, serve, port, overrides, dataset_counts)
+        return _run(where, num_samples, serve, port, overrides, dataset_counts)
 
 
 def _run(
-    output_dir: Path,
+    where: RunLocation,
     num_samples: int | None,
     serve: bool,
     port: int,
@@ -81,11 +88,12 @@ def _run(
     from jobs.build_index import build_index
 
     start = time.perf_counter()
+    output_dir = where.local_dir
     data_dir = output_dir / "data"
     ensure_dataset(data_dir, dataset_counts)
-    settings = {"data.root": str(data_dir), "output_dir": str(output_dir), "tune.num_samples": num_samples or 4}
+    settings = {"data.root": str(data_dir), "output_dir": where.output, "tune.num_samples": num_samples or 4}
     config = load_config(DEMO_CONFIG, {**settings, **(overrides or {})})
-    best, test = train_best(config, output_dir)
+    best, test = train_best(config, where)
     trained = time.perf_counter() - start
     index_dir = output_dir / "index"
     if not (index_dir / "index_meta.json").is_file() or _stale(index_dir, best):

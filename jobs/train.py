@@ -35,10 +35,10 @@ from ray.train.torch import TorchTrainer
 from torch.utils.data import DistributedSampler
 
 from cman.config import CMANConfig, from_dict
-from cman.metrics import EmbeddingSet
+from cman.metrics import VAL_METRIC, EmbeddingSet
 from cman.modality import Modality
 from cman.training import TrainHooks, finish, fit, load_items, resolve_device
-from jobs import cluster, tracking
+from jobs import cluster, storage, tracking
 
 logger = logging.getLogger(__name__)
 
@@ -202,14 +202,16 @@ def build_trainer(
     loop_config: dict[str, Any],
     callbacks: list[Any] | None = None,
     loop: Any = None,
+    ray_storage: dict[str, Any] | None = None,
 ) -> TorchTrainer:
-    """A TorchTrainer over `config.ray`, stored under `output_dir/ray_results/cman_train` (best + latest kept)."""
+    """A TorchTrainer over `config.ray`, stored under `output_dir/ray_results/cman_train` (best + latest kept), or
+    where `ray_storage` (`RunConfig` storage_path / storage_filesystem, see `jobs.storage`) says."""
     rc = config.ray
     run_config = RunConfig(
         name=RUN_NAME,
-        storage_path=str(Path(output_dir).resolve() / "ray_results"),
+        **(ray_storage or {"storage_path": str(Path(output_dir).resolve() / "ray_results")}),
         checkpoint_config=CheckpointConfig(
-            num_to_keep=1, checkpoint_score_attribute="val_rsum", checkpoint_score_order="max"
+            num_to_keep=1, checkpoint_score_attribute=VAL_METRIC, checkpoint_score_order="max"
         ),  # the latest is always kept as well
         failure_config=FailureConfig(max_failures=rc.max_failures),
         callbacks=callbacks,
@@ -225,28 +227,35 @@ def build_trainer(
 
 
 def run_training(
-    config: CMANConfig, output_dir: str | Path, address: str | None = None, resume: bool = True, *, track: bool = True
+    config: CMANConfig,
+    output_dir: str | Path,
+    address: str | None = None,
+    resume: bool = True,
+    *,
+    track: bool = True,
+    local_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train with Ray Train, export checkpoints/{best,last}, evaluate best on the test split.
 
-    Returns `{"history", "test", "eval_path"}` like `cman.training.fit`.
+    `output_dir` is a folder or a storage URI (`jobs.storage`): with a URI, Ray's run is kept there and the exported
+    checkpoints, eval and MLflow store go to `local_dir`. Returns `{"history", "test", "eval_path"}` like
+    `cman.training.fit`.
     """
-    output_dir = Path(output_dir).resolve()
-    config = _absolute_paths(config, output_dir)
-    run_dir = output_dir / "ray_results" / RUN_NAME
-    if (not resume or config.ray.num_workers == 0) and run_dir.exists():
-        logger.info("starting over: removing the previous run %s", run_dir)  # in-process mode never resumes
-        shutil.rmtree(run_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config.save(output_dir / "config.yaml")
-    run = tracking.open_run(config, output_dir, resume=resume) if track else None
+    where = storage.locate(output_dir, local_dir)
+    local = where.local_dir
+    config = _absolute_paths(config, where.output)
+    if not resume or config.ray.num_workers == 0:  # in-process mode never resumes
+        _start_over(where)
+    local.mkdir(parents=True, exist_ok=True)
+    config.save(local / "config.yaml")
+    run = tracking.open_run(config, local, resume=resume) if track else None
     fail_at = int(os.environ[FAIL_ONCE_ENV]) if os.environ.get(FAIL_ONCE_ENV) else None
-    loop_config = make_loop_config(config, output_dir, run, fail_once_at_epoch=fail_at)
+    loop_config = make_loop_config(config, local, run, fail_once_at_epoch=fail_at)
     started = config.ray.num_workers > 0 and cluster.connect(address)
     try:
-        result = build_trainer(config, output_dir, loop_config).fit()
-        best, last = export_checkpoints(result, output_dir)
-        report = finish(config, output_dir, _history(last))
+        trainer = build_trainer(config, local, loop_config, ray_storage=where.ray_storage("ray_results"))
+        best, last = export_checkpoints(trainer.fit(), local)
+        report = finish(config, local, _history(last))
         if run is not None:
             tracking.finish_run(run, report, best)
     except BaseException:
@@ -259,15 +268,24 @@ def run_training(
     return report
 
 
+def _start_over(where: storage.RunLocation) -> None:
+    """Remove the previous Ray run (in Ray's storage) and the in-process mode's checkpoints (always local)."""
+    if where.exists("ray_results", RUN_NAME):
+        logger.info("starting over: removing the previous run %s", where.describe("ray_results", RUN_NAME))
+        storage.delete_dir(where.fs, where.join("ray_results", RUN_NAME))
+    shutil.rmtree(where.local_dir / "ray_results" / RUN_NAME / "in_process", ignore_errors=True)
+
+
 def export_checkpoints(result: Any, output_dir: Path) -> tuple[Path, Path]:
-    """Copy the best (max val_rsum, earliest on ties) and the latest checkpoint to D/checkpoints/{best,last}."""
+    """Copy the best (max val_rsum, earliest on ties) and the latest checkpoint to D/checkpoints/{best,last}
+    (`as_directory` downloads them first when Ray's storage is a URI)."""
     if result.checkpoint is None:
         raise RuntimeError(f"training in {output_dir} reported no checkpoint (see the Ray logs above)")
     candidates = list(result.best_checkpoints or [(result.checkpoint, result.metrics or {})])
     if result.best_checkpoints is None:  # in-process mode: every epoch's checkpoint is in the staging dir
         staging = output_dir / "ray_results" / RUN_NAME / "in_process"
         candidates = [(Checkpoint.from_directory(str(p)), _metadata_metrics(p)) for p in sorted(staging.iterdir())]
-    best_ckpt, _ = max(candidates, key=lambda cm: (cm[1].get("val_rsum", -np.inf), -cm[1].get("epoch", 0)))
+    best_ckpt, _ = max(candidates, key=lambda cm: (cm[1].get(VAL_METRIC, -np.inf), -cm[1].get("epoch", 0)))
     targets = {"best": best_ckpt, "last": result.checkpoint}
     paths = {}
     for name, ckpt in targets.items():
@@ -278,7 +296,7 @@ def export_checkpoints(result: Any, output_dir: Path) -> tuple[Path, Path]:
 
 def _metadata_metrics(directory: Path) -> dict[str, Any]:
     meta = json.loads((directory / "metadata.json").read_text())
-    return {"val_rsum": meta["metrics"]["rsum"], "epoch": meta["epoch"]}
+    return {VAL_METRIC: meta["metrics"]["rsum"], "epoch": meta["epoch"]}
 
 
 def _copy_dir(source: Path, target: Path) -> Path:
@@ -294,7 +312,7 @@ def _history(checkpoint_dir: Path) -> list[dict[str, Any]]:
     return json.loads((checkpoint_dir / "training_state.json").read_text())["history"]
 
 
-def _absolute_paths(config: CMANConfig, output_dir: Path) -> CMANConfig:
+def _absolute_paths(config: CMANConfig, output_dir: str) -> CMANConfig:
     """Workers run in their own directories: make data.root and output_dir absolute (relative to this process)."""
     overrides: dict[str, Any] = {"output_dir": str(output_dir)}
     if config.data.root:

@@ -5,21 +5,29 @@ Each Tune trial runs `train_driver`, which builds and fits a Ray Train `TorchTra
 after whole epochs; every trial is an MLflow child run of the sweep's parent run; the best trial's best checkpoint
 is copied to `D/best`, evaluated on the test split and registered as MLflow model `cman` (alias `champion` if it
 beats the current one).
+
+`D` may be a storage URI (`jobs.storage`): Tune's experiment (`D/tune`) and the trials' Train runs
+(`D/trials/<id>/ray_results`) then live there, and everything else in the local folder (`--local-dir`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import posixpath
 from pathlib import Path
 from typing import Any
 
 from cman.config import CMANConfig, from_dict
-from tuning.space import baseline_point, param_space, trial_config, trial_params, validate_space
+from cman.metrics import VAL_METRIC
+from jobs import storage
+from jobs.storage import RunLocation
+from tuning.search import storage_url
+from tuning.space import param_space, trial_config, trial_params, validate_space
 
 logger = logging.getLogger(__name__)
 
-METRIC, MODE = "val_rsum", "max"
+MODE = "max"  # VAL_METRIC: higher is better
 EXPERIMENT_DIR = "tune"  # Tune's experiment folder under the output directory (what --resume restores)
 TRIALS_DIR = "trials"  # Ray Train runs (checkpoints), one per trial id
 REPORT_EVERY_S = 60  # Tune's status table: at most once a minute (and once at the end)
@@ -44,11 +52,12 @@ def trial_resources(config: CMANConfig) -> tuple[dict[str, float], dict[str, Any
     return {"cpu": driver_cpu, "gpu": 0}, overrides
 
 
-def train_driver(trial: dict[str, Any], base: dict[str, Any], output_dir: str) -> None:
+def train_driver(trial: dict[str, Any], base: dict[str, Any], where: RunLocation) -> None:
     """Tune trainable: fit one TorchTrainer with the trial's values; Train reports reach Tune per epoch.
 
-    The Train run lives in `D/trials/<trial id>/`, so a restarted trial continues from its own latest checkpoint.
-    Per-epoch MLflow logging is the Tune driver's job here (`TrialLogger`), so the loop's own logging is off.
+    The Train run lives in `D/trials/<trial id>/ray_results` (in Ray's storage), so a restarted trial continues from
+    its own latest checkpoint; the loop's local files go to `<local dir>/trials/<trial id>`. Per-epoch MLflow logging
+    is the Tune driver's job here (`TrialLogger`), so the loop's own logging is off.
     """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -56,16 +65,19 @@ def train_driver(trial: dict[str, Any], base: dict[str, Any], output_dir: str) -
     from jobs.train import build_trainer, make_loop_config
 
     config = trial_config(from_dict(base), trial)
-    trial_dir = Path(output_dir) / TRIALS_DIR / tune.get_context().get_trial_id()
-    finished = finished_train_run(trial_dir, config.training.epochs)
+    trial_id = tune.get_context().get_trial_id()
+    finished = finished_train_run(where, trial_id, config.training.epochs)
     if finished is not None:  # Tune restarted a trial whose Train run had already ended (driver killed in between)
         tune.report(finished)
         return
+    trial_dir = where.local_dir / TRIALS_DIR / trial_id
     loop_config = {**make_loop_config(config, trial_dir, run=None), "log_epochs": False}
-    build_trainer(config, trial_dir, loop_config, callbacks=[TuneReportCallback()], loop=_tune_loop).fit()
+    ray_storage = where.ray_storage(TRIALS_DIR, trial_id, "ray_results")
+    callbacks = [TuneReportCallback()]
+    build_trainer(config, trial_dir, loop_config, callbacks=callbacks, loop=_tune_loop, ray_storage=ray_storage).fit()
 
 
-def finished_train_run(trial_dir: Path, epochs: int) -> dict[str, Any] | None:
+def finished_train_run(where: RunLocation, trial_id: str, epochs: int) -> dict[str, Any] | None:
     """The final metrics (+ `checkpoint_path`) of the trial's Train run if it already trained all `epochs`, else None.
 
     Tune saves its state every few seconds: a sweep driver killed right after a trial ended can leave that trial
@@ -75,9 +87,11 @@ def finished_train_run(trial_dir: Path, epochs: int) -> dict[str, Any] | None:
     from cman.steps import flat_metrics
 
     kept = []
-    for meta_path in (trial_dir / "ray_results").glob("*/checkpoint_*/metadata.json"):
-        meta = json.loads(meta_path.read_text())
-        kept.append((int(meta.get("epoch", 0)), meta_path.parent, meta.get("metrics") or {}))
+    for run_dir in storage.subdirs(where.fs, where.join(TRIALS_DIR, trial_id, "ray_results")):
+        for directory in storage.subdirs(where.fs, run_dir, "checkpoint_"):
+            meta = storage.read_json(where.fs, posixpath.join(directory, "metadata.json"))
+            if meta is not None:
+                kept.append((int(meta.get("epoch", 0)), directory, meta.get("metrics") or {}))
     if not kept:
         return None
     epoch, directory, metrics = max(kept, key=lambda k: k[0])
@@ -120,14 +134,12 @@ def trial_dirname(trial: Any) -> str:
     return f"trial_{trial_index(trial):02d}_{trial.trial_id}"
 
 
-def _trainable(config: CMANConfig, output_dir: Path):
+def _trainable(config: CMANConfig, where: RunLocation):
     from ray import tune
 
     driver_resources, overrides = trial_resources(config)
     base = config.with_overrides(overrides).to_dict()
-    return tune.with_resources(
-        tune.with_parameters(train_driver, base=base, output_dir=str(output_dir)), driver_resources
-    )
+    return tune.with_resources(tune.with_parameters(train_driver, base=base, where=where), driver_resources)
 
 
 # ---- the Tuner ------------------------------------------------------------------------------------------------
@@ -142,23 +154,23 @@ def _reporter(config: CMANConfig):
 
     return CLIReporter(
         parameter_columns={"rank": "rank", "alpha_ratio": "alpha/rank", "margin": "margin", "lr": "lr"},
-        metric_columns={"training_iteration": "epoch", "train_loss": "loss", METRIC: METRIC},
+        metric_columns={"training_iteration": "epoch", "train_loss": "loss", VAL_METRIC: VAL_METRIC},
         max_report_frequency=REPORT_EVERY_S,
         sort_by_metric=True,
-        metric=METRIC,
+        metric=VAL_METRIC,
         mode=MODE,
     )
 
 
-def build_tuner(config: CMANConfig, output_dir: Path, callbacks: list) -> Any:
+def build_tuner(config: CMANConfig, where: RunLocation, callbacks: list, study_name: str) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from jobs import cluster
+    from tuning.search import make_searcher
 
     tc = config.tune
-    searcher = OptunaSearch(points_to_evaluate=[baseline_point(config)], seed=tc.seed)
+    searcher = make_searcher(config, study_name)
     epochs = config.training.epochs
     scheduler = ASHAScheduler(
         time_attr="training_iteration",
@@ -167,7 +179,7 @@ def build_tuner(config: CMANConfig, output_dir: Path, callbacks: list) -> Any:
         reduction_factor=tc.reduction_factor,
     )
     tune_config = tune.TuneConfig(
-        metric=METRIC,
+        metric=VAL_METRIC,
         mode=MODE,
         search_alg=searcher,
         scheduler=scheduler,
@@ -178,30 +190,39 @@ def build_tuner(config: CMANConfig, output_dir: Path, callbacks: list) -> Any:
     )
     run_config = tune.RunConfig(
         name=EXPERIMENT_DIR,
-        storage_path=str(output_dir),
+        **where.ray_storage(),
         callbacks=callbacks,
         progress_reporter=_reporter(config),
         verbose=2 if cluster.is_verbose() else 1,  # 1: the status table every 30 s and the final table
         failure_config=tune.FailureConfig(max_failures=0),
     )
     return tune.Tuner(
-        _trainable(config, output_dir), param_space=param_space(config), tune_config=tune_config, run_config=run_config
+        _trainable(config, where), param_space=param_space(config), tune_config=tune_config, run_config=run_config
     )
 
 
-def _fit(config: CMANConfig, output_dir: Path, resume: bool, callbacks: list):
+def _fit(config: CMANConfig, where: RunLocation, resume: bool, callbacks: list, study_name: str):
     from ray import tune
 
-    path = str(output_dir / EXPERIMENT_DIR)
     if resume:
-        logger.info("resuming the sweep in %s", path)
-        tuner = tune.Tuner.restore(path, trainable=_trainable(config, output_dir), resume_errored=True)
+        logger.info("resuming the sweep in %s", where.describe(EXPERIMENT_DIR))
+        tuner = tune.Tuner.restore(
+            where.join(EXPERIMENT_DIR),
+            trainable=_trainable(config, where),
+            resume_errored=True,
+            storage_filesystem=_ray_fs(where),
+        )
     else:
-        tuner = build_tuner(config, output_dir, callbacks)
+        tuner = build_tuner(config, where, callbacks, study_name)
     return tuner.fit()
 
 
-def _finished_trials(experiment: Path) -> int:
+def _ray_fs(where: RunLocation) -> Any:
+    """The `storage_filesystem` Ray was given (None for a plain folder)."""
+    return where.ray_storage().get("storage_filesystem")
+
+
+def _finished_trials(where: RunLocation) -> int:
     """Trials that ended (TERMINATED or ERROR) in the experiment state Tune saved to disk.
 
     After an interrupt (Ctrl-C / SIGUSR1) the in-memory `ResultGrid` shows the trials Tune stopped on its way out
@@ -209,26 +230,27 @@ def _finished_trials(experiment: Path) -> int:
     """
     from ray.tune import ExperimentAnalysis
 
-    return sum(t.status in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(str(experiment)).trials)
+    analysis = ExperimentAnalysis(where.join(EXPERIMENT_DIR), storage_filesystem=_ray_fs(where))
+    return sum(t.status in ("TERMINATED", "ERROR") for t in analysis.trials)
 
 
 # ---- driver-side preparation ------------------------------------------------------------------------------------
-def _check_output_dir(output_dir: Path, resume: bool) -> None:
+def _check_output_dir(where: RunLocation, resume: bool) -> None:
     from ray import tune
 
-    experiment = output_dir / EXPERIMENT_DIR
-    if resume and not tune.Tuner.can_restore(str(experiment)):
-        raise ValueError(f"--resume: no sweep to resume in {output_dir} (expected {experiment}); drop --resume")
-    if not resume and experiment.exists():
+    experiment = where.describe(EXPERIMENT_DIR)
+    if resume and not tune.Tuner.can_restore(where.join(EXPERIMENT_DIR), storage_filesystem=_ray_fs(where)):
+        raise ValueError(f"--resume: no sweep to resume in {where.output} (expected {experiment}); drop --resume")
+    if not resume and where.exists(EXPERIMENT_DIR):
         raise ValueError(
-            f"{output_dir} already holds a sweep ({experiment}): pass --resume to continue it, "
+            f"{where.output} already holds a sweep ({experiment}): pass --resume to continue it, "
             "or choose another --output-dir"
         )
 
 
-def _absolute_paths(config: CMANConfig, output_dir: Path) -> CMANConfig:
+def _absolute_paths(config: CMANConfig, output_dir: str) -> CMANConfig:
     """Tune and Train chdir into their own folders: make data.root and output_dir absolute."""
-    overrides: dict[str, Any] = {"output_dir": str(output_dir)}
+    overrides: dict[str, Any] = {"output_dir": output_dir}
     if config.data.root:
         overrides["data.root"] = str(Path(config.data.root).resolve())
     return config.with_overrides(overrides)
@@ -239,17 +261,17 @@ def _mlflow_setup(config: CMANConfig, output_dir: Path, resume: bool) -> dict[st
     import mlflow
     from mlflow import MlflowClient
 
-    from jobs import tracking as registry  # all MLflow lives in jobs.tracking
+    from jobs import tracking
 
-    uri = registry.tracking_uri(config.mlflow.tracking_uri, output_dir)
+    uri = tracking.tracking_uri(config.mlflow.tracking_uri, output_dir)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     state_path = output_dir / STATE_FILE
     previous = json.loads(state_path.read_text()) if resume and state_path.is_file() else {}
     name = previous.get("experiment") or f"{config.mlflow.experiment}-sweep-{output_dir.name}"
-    experiment_id = registry.ensure_experiment(client, name, output_dir / "mlartifacts")
+    experiment_id = tracking.ensure_experiment(client, name, output_dir / "mlartifacts")
     if resume:
-        registry.mark_interrupted_runs(client, experiment_id)
+        tracking.mark_interrupted_runs(client, experiment_id)
     sweep_params = {
         "num_samples": config.tune.num_samples,
         "max_concurrent": config.tune.max_concurrent,
@@ -259,7 +281,7 @@ def _mlflow_setup(config: CMANConfig, output_dir: Path, resume: bool) -> dict[st
         "seed": config.tune.seed,
         "space": json.dumps(config.tune.space.model_dump(mode="json")),
     }
-    parent = registry.parent_run(client, experiment_id, previous.get("parent_run_id"), sweep_params)
+    parent = tracking.parent_run(client, experiment_id, previous.get("parent_run_id"), sweep_params)
     state = {"tracking_uri": uri, "experiment": name, "experiment_id": experiment_id, "parent_run_id": parent}
     output_dir.mkdir(parents=True, exist_ok=True)
     state_path.write_text(json.dumps(state, indent=2))
@@ -268,21 +290,22 @@ def _mlflow_setup(config: CMANConfig, output_dir: Path, resume: bool) -> dict[st
 
 
 # ---- after the trials -------------------------------------------------------------------------------------------
-def _finish(config: CMANConfig, output_dir: Path, results, mlflow_state: dict[str, str]) -> dict[str, Any]:
-    """Best trial → D/best (+ test eval), report files, MLflow parent artifacts, model registry."""
+def _finish(config: CMANConfig, where: RunLocation, results, mlflow_state: dict[str, str]) -> dict[str, Any]:
+    """Best trial → D/best (+ test eval), report files, MLflow parent artifacts, model registry (all local)."""
     from mlflow import MlflowClient
 
-    from jobs import tracking as registry  # all MLflow lives in jobs.tracking
+    from jobs import tracking
     from tuning import best as best_mod
     from tuning.report import write_report
 
     client = MlflowClient(mlflow_state["tracking_uri"])
     parent = mlflow_state["parent_run_id"]
+    output_dir = where.local_dir
     report = write_report(results, output_dir, seed=config.tune.seed)
     table = report["table"]
     winner = best_mod.best_result(results)
-    source, val_rsum = best_mod.best_checkpoint(winner)
-    best_dir = best_mod.copy_checkpoint(source, output_dir / "best")
+    source, val_rsum = best_mod.best_checkpoint(winner, where.fs)
+    best_dir = best_mod.copy_checkpoint(source, output_dir / "best", where.fs)
     split, root = config.data.test_split, config.data.root
     test = best_mod.evaluate_best(best_dir, split, root)
     winner_id = best_mod.trial_id(winner)
@@ -291,11 +314,12 @@ def _finish(config: CMANConfig, output_dir: Path, results, mlflow_state: dict[st
     if baseline_id == winner_id:
         baseline_test = test
     else:
-        baseline_test = best_mod.evaluate_checkpoint(best_mod.best_checkpoint(baseline)[0], split, root=root)
-    runs = registry.trial_runs(client, mlflow_state["experiment_id"])
+        baseline_source = best_mod.best_checkpoint(baseline, where.fs)[0]
+        baseline_test = best_mod.evaluate_stored(baseline_source, split, root, where.fs)
+    runs = tracking.trial_runs(client, mlflow_state["experiment_id"])
     run_id = runs[winner_id]
-    registry.log_checkpoint(client, run_id, best_dir)
-    model = registry.register_best(client, run_id, {"test_rsum": test["rsum"], "val_rsum": val_rsum})
+    tracking.log_checkpoint(client, run_id, best_dir)
+    model = tracking.register_best(client, run_id, {"test_rsum": test["rsum"], "val_rsum": val_rsum})
     for path in [*report["files"], best_dir / f"eval_{split}.json"]:
         client.log_artifact(parent, str(path))
     summary_metrics = {
@@ -351,16 +375,24 @@ def _print_summary(summary: dict[str, Any]) -> None:
     )
     print(format_table(summary["test"]))
     print(f"best checkpoint: {summary['best_checkpoint']}   results: {summary['results_csv']}")
+    print(f"Ray results and checkpoints: {summary['storage']}")
     verdict = "now @champion" if model["promoted"] else f"@champion stays on version {model['champion_version']}"
     print(f"registered model {model['name']} version {model['version']} ({verdict})")
     print(f"MLflow: mlflow ui --backend-store-uri {state['tracking_uri']}   (experiment {state['experiment']})")
+    if "optuna" in summary:
+        print(f"Optuna: optuna-dashboard {summary['optuna']['storage']}   (study {summary['optuna']['study_name']})")
 
 
 def run_sweep(
-    config: CMANConfig, output_dir: str | Path, resume: bool = False, address: str | None = None
+    config: CMANConfig,
+    output_dir: str | Path,
+    resume: bool = False,
+    address: str | None = None,
+    local_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or with `resume` continue) the sweep in `output_dir`; see the module docstring for what it leaves.
 
+    `output_dir` is a folder or a storage URI; with a URI the local files go to `local_dir` (`jobs.storage.locate`).
     Returns the best trial's params and id, `best_checkpoint` (D/best), its `test` result, the baseline's test
     rsum, `n_trials`, the registered model version and the MLflow ids.
     """
@@ -370,11 +402,13 @@ def run_sweep(
     from jobs.tracking import TrialLogger
     from tuning.resources import ReleasePlacementGroups
 
-    output_dir = Path(output_dir).resolve()
+    where = storage.locate(output_dir, local_dir)
+    local = where.local_dir
     validate_space(config)  # one clear ConfigError before Ray or MLflow start
-    config = _absolute_paths(config, output_dir)
-    _check_output_dir(output_dir, resume)
-    mlflow_state = _mlflow_setup(config, output_dir, resume)
+    config = _absolute_paths(config, where.output)
+    _check_output_dir(where, resume)
+    mlflow_state = _mlflow_setup(config, local, resume)
+    study_name = f"{mlflow_state['experiment']}-{mlflow_state['parent_run_id'][:8]}"
     started = cluster.connect(address)  # False when the caller (a test, a job) already runs Ray
     try:
         logger_cb = TrialLogger(
@@ -382,18 +416,22 @@ def run_sweep(
             experiment_id=mlflow_state["experiment_id"],
             tags={"mlflow.parentRunId": mlflow_state["parent_run_id"], "cman.kind": "trial"},
         )
-        releaser = ReleasePlacementGroups(str(output_dir / TRIALS_DIR))
-        results = _fit(config, output_dir, resume, [logger_cb, releaser])
-        finished = _finished_trials(output_dir / EXPERIMENT_DIR)
+        releaser = ReleasePlacementGroups(str(local / TRIALS_DIR))
+        results = _fit(config, where, resume, [logger_cb, releaser], study_name)
+        finished = _finished_trials(where)
         if finished < config.tune.num_samples:
+            local_flag = f" --local-dir {local}" if where.remote else ""
             raise RuntimeError(
                 f"sweep interrupted after {finished}/{config.tune.num_samples} trials; continue it with "
-                f"`cman tune --config ... --output-dir {output_dir} --resume`"
+                f"`cman tune --config ... --output-dir {where.output}{local_flag} --resume`"
             )
-        summary = _finish(config, output_dir, results, mlflow_state)
+        summary = _finish(config, where, results, mlflow_state)
     finally:
         if started:
             ray.shutdown()
-    (output_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary["storage"] = where.output
+    if config.tune.optuna_storage:
+        summary["optuna"] = {"storage": storage_url(config.tune.optuna_storage), "study_name": study_name}
+    (local / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     _print_summary(summary)
     return summary
