@@ -20,7 +20,6 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train import Checkpoint
 from torch.utils.data import DistributedSampler
 
 from cman.config import CMANConfig, from_dict
@@ -39,10 +37,10 @@ from cman.metrics import VAL_METRIC, EmbeddingSet
 from cman.modality import Modality
 from cman.training import TrainHooks, finish, fit, load_items, resolve_device
 from jobs import cluster, storage, tracking
+from jobs.launch import RUN_NAME, build_trainer, make_loop_config
 
 logger = logging.getLogger(__name__)
 
-RUN_NAME = "cman_train"
 FAIL_ONCE_ENV = "CMAN_FAIL_ONCE_AT_EPOCH"  # fault injection for FailureConfig tests: fail once, in this epoch
 
 
@@ -183,49 +181,6 @@ def _maybe_fail(loop_config: dict[str, Any], output_dir: Path, epoch: int, rank:
 
 
 # ---- the driver ----------------------------------------------------------------------------------------------------
-def make_loop_config(
-    config: CMANConfig, output_dir: Path, run: tracking.Tracking | None = None, fail_once_at_epoch: int | None = None
-) -> dict[str, Any]:
-    """What `train_loop_per_worker` needs; `run=None` turns per-epoch MLflow logging off (e.g. under Tune)."""
-    return {
-        "config": config.to_dict(),
-        "output_dir": str(Path(output_dir).resolve()),
-        "mlflow": asdict(run) if run is not None else False,
-        "fail_once_at_epoch": fail_once_at_epoch,
-        "verbose": cluster.is_verbose(),
-    }
-
-
-def build_trainer(
-    config: CMANConfig,
-    output_dir: Path,
-    loop_config: dict[str, Any],
-    callbacks: list[Any] | None = None,
-    loop: Any = None,
-    ray_storage: dict[str, Any] | None = None,
-) -> TorchTrainer:
-    """A TorchTrainer over `config.ray`, stored under `output_dir/ray_results/cman_train` (best + latest kept), or
-    where `ray_storage` (`RunConfig` storage_path / storage_filesystem, see `jobs.storage`) says."""
-    rc = config.ray
-    run_config = RunConfig(
-        name=RUN_NAME,
-        **(ray_storage or {"storage_path": str(Path(output_dir).resolve() / "ray_results")}),
-        checkpoint_config=CheckpointConfig(
-            num_to_keep=1, checkpoint_score_attribute=VAL_METRIC, checkpoint_score_order="max"
-        ),  # the latest is always kept as well
-        failure_config=FailureConfig(max_failures=rc.max_failures),
-        callbacks=callbacks,
-        # Ray Train's own INFO lines per run and per report (resources, worker group, process group, reports)
-        logging_config=LoggingConfig(log_level="INFO" if loop_config.get("verbose") else "WARNING"),
-    )
-    scaling = ScalingConfig(
-        num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=dict(rc.resources_per_worker)
-    )
-    return TorchTrainer(
-        loop or train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config
-    )
-
-
 def run_training(
     config: CMANConfig,
     output_dir: str | Path,
@@ -253,7 +208,8 @@ def run_training(
     loop_config = make_loop_config(config, local, run, fail_once_at_epoch=fail_at)
     started = config.ray.num_workers > 0 and cluster.connect(address)
     try:
-        trainer = build_trainer(config, local, loop_config, ray_storage=where.ray_storage("ray_results"))
+        ray_storage = where.ray_storage("ray_results")
+        trainer = build_trainer(config, local, loop_config, train_loop_per_worker, ray_storage=ray_storage)
         best, last = export_checkpoints(trainer.fit(), local)
         report = finish(config, local, _history(last))
         if run is not None:

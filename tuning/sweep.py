@@ -62,7 +62,7 @@ def train_driver(trial: dict[str, Any], base: dict[str, Any], where: RunLocation
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from jobs.train import build_trainer, make_loop_config
+    from jobs.launch import build_trainer, make_loop_config
 
     config = trial_config(from_dict(base), trial)
     trial_id = tune.get_context().get_trial_id()
