@@ -1,7 +1,9 @@
 """Ray Tune + Optuna + ASHA sweep (tuning/): real Ray, real sqlite MLflow, a tiny model on a tiny demo dataset.
 
 One sweep of 3 trials is interrupted after its second trial and resumed; the tests then check what it left: the
-trial count, ASHA's early stop, the MLflow child runs and the `cman@champion` model.
+trial count, ASHA's early stop, the MLflow child runs and the `cman@champion` model. The sweep's `--output-dir` is a
+storage URI (`file:///<tmp>/store/sweep`: the code path of s3:// or gs://, a pyarrow filesystem handed to Ray) with
+its local files in a separate folder, and its Optuna study in an RDB storage (`tune.optuna_storage`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def tune_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _interrupt_when_trial_starts(experiment: Path, n: int, stop: threading.Event) -> None:
     """SIGUSR1 (what Tune treats like Ctrl-C) to this process once trial number `n` (1-based) has a folder."""
     while not stop.is_set():
-        if len([p for p in experiment.glob("trial_*") if p.is_dir()]) >= n:
+        if experiment.is_dir() and len([p for p in experiment.glob("trial_*") if p.is_dir()]) >= n:
             signal.raise_signal(signal.SIGUSR1)
             return
         time.sleep(0.2)
@@ -45,11 +47,13 @@ def _interrupt_when_trial_starts(experiment: Path, n: int, stop: threading.Event
 @pytest.fixture(scope="module")
 def sweep(ray_session, tune_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """3 trials, one at a time; later trials search tiny learning rates so ASHA has something to stop.
-    Interrupted when the third trial starts, then resumed with `resume=True`."""
+    Interrupted when the third trial starts, then resumed with `resume=True`. Ray's files go to `store` (given as a
+    file:// URI), everything else to `out` (the local dir)."""
     from tuning.sweep import run_sweep
 
-    out = tmp_path_factory.mktemp("sweep") / "run"
-    db = out.parent / "mlflow.db"
+    base = tmp_path_factory.mktemp("sweep")
+    out, store = base / "local", base / "store" / "sweep"
+    db = base / "mlflow.db"
     config = tiny_config(
         tune_root,
         SIZES,
@@ -62,23 +66,32 @@ def sweep(ray_session, tune_root: Path, tmp_path_factory: pytest.TempPathFactory
             "tune.space.learning_rate": [1e-8, 1e-7],
             "tune.space.rank": [4, 8],
             "mlflow.tracking_uri": f"sqlite:///{db}",
+            "tune.optuna_storage": f"sqlite:///{base / 'optuna.db'}",
         },
     )
     start = time.perf_counter()
     previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # never let a late signal kill the test process
     stop = threading.Event()
-    watcher = threading.Thread(target=_interrupt_when_trial_starts, args=(out / "tune", N_TRIALS, stop), daemon=True)
+    watcher = threading.Thread(target=_interrupt_when_trial_starts, args=(store / "tune", N_TRIALS, stop), daemon=True)
     watcher.start()
     try:
         with pytest.raises(RuntimeError, match="interrupted after 2/3 trials"):
-            run_sweep(config, out)
-        before = {p.name: _rows(p / "progress.csv") for p in (out / "tune").glob("trial_*")}
-        summary = run_sweep(config, out, resume=True)
+            run_sweep(config, store.as_uri(), local_dir=out)
+        before = {p.name: _rows(p / "progress.csv") for p in (store / "tune").glob("trial_*")}
+        summary = run_sweep(config, store.as_uri(), local_dir=out, resume=True)
     finally:
         stop.set()
         signal.signal(signal.SIGUSR1, previous)
     print(f"\ninterrupted + resumed sweep of {N_TRIALS} trials: {time.perf_counter() - start:.0f} s")
-    return {"summary": summary, "out": out, "config": config, "before": before, "uri": f"sqlite:///{db}"}
+    return {
+        "summary": summary,
+        "out": out,
+        "store": store,
+        "config": config,
+        "before": before,
+        "uri": f"sqlite:///{db}",
+        "optuna": config.tune.optuna_storage,
+    }
 
 
 def _rows(csv: Path) -> int:
@@ -97,7 +110,7 @@ def test_resumed_sweep_runs_exactly_n_trials(sweep: dict) -> None:
     # trials 0 and 1 finished before the interrupt and were not trained again after the resume
     for row in table.iloc[:2].itertuples():
         name = Path(row.path).name
-        assert sweep["before"][name] == row.epochs == _rows(out / "tune" / name / "progress.csv")
+        assert sweep["before"][name] == row.epochs == _rows(sweep["store"] / "tune" / name / "progress.csv")
     # trial 0 is the config's own values
     base = sweep["config"]
     assert table.loc[0, ["rank", "alpha", "margin", "lr"]].tolist() == pytest.approx(
@@ -105,6 +118,32 @@ def test_resumed_sweep_runs_exactly_n_trials(sweep: dict) -> None:
     )
     for name in ("val_rsum_curves.png", "best/eval_test.json", "best/config.yaml", "sweep_summary.json"):
         assert (out / name).is_file(), name
+
+
+@pytest.mark.ray
+def test_storage_uri_holds_ray_files_and_local_files_stay_apart(sweep: dict) -> None:
+    """Ray's experiment and every trial's Train checkpoints are in the store; MLflow, reports and `best/` are local;
+    no checkpoint or `file:` folder is made locally; the Optuna study holds exactly the sweep's trials (the baseline
+    was not queued a second time by the resume)."""
+    import optuna
+    import pandas as pd
+
+    from cman.config import load_config
+
+    out, store = sweep["out"], sweep["store"]
+    table = pd.read_csv(out / "tune_results.csv")
+    assert (store / "tune").is_dir()
+    for trial_id in table["trial_id"]:
+        assert list((store / "trials" / trial_id / "ray_results").glob("*/checkpoint_*/metadata.json")), trial_id
+    for name in ("sweep.json", "sweep_summary.json", "best/eval_test.json", "best/config.yaml"):
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("checkpoint_*")) and not (out / "tune").exists()
+    assert not [p for p in out.parent.rglob("*") if p.name.endswith(":")]
+    assert load_config(out / "config.yaml").output_dir == store.as_uri()
+    summary = sweep["summary"]
+    assert summary["storage"] == store.as_uri()
+    study = optuna.load_study(study_name=summary["optuna"]["study_name"], storage=sweep["optuna"])
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * N_TRIALS
 
 
 @pytest.mark.ray
