@@ -156,9 +156,7 @@ def _reporter(config: CMANConfig):
         parameter_columns={"rank": "rank", "alpha_ratio": "alpha/rank", "margin": "margin", "lr": "lr"},
         metric_columns={"training_iteration": "epoch", "train_loss": "loss", VAL_METRIC: VAL_METRIC},
         max_report_frequency=REPORT_EVERY_S,
-        sort_by_metric=True,
-        metric=VAL_METRIC,
-        mode=MODE,
+        sort_by_metric=True,  # by TuneConfig's metric and mode
     )
 
 
