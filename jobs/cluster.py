@@ -103,6 +103,8 @@ QUIET_LOGGERS = {  # logger -> level, in the CLI process and (see `quiet_worker_
     "mlflow.store.db.utils": logging.WARNING,  # "Creating initial MLflow database tables" per new store
     "alembic": logging.WARNING,
     "optuna": logging.WARNING,  # "A new study created in memory"
+    "mlflow.pyfunc": logging.WARNING,  # "Validating input example against model signature"
+    "mlflow.models": logging.WARNING,
     "urllib3": logging.ERROR,
     "filelock": logging.ERROR,
     "tensorboardX": logging.ERROR,
@@ -113,6 +115,7 @@ def quiet_libraries() -> None:
     """The libraries' INFO chatter off (`QUIET_LOGGERS`); `cman -v` does not call this."""
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # "Downloading artifacts" bars
 
 
 def quiet_worker_process() -> None:

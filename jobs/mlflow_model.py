@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -137,11 +138,19 @@ def _embedding_dim(checkpoint: Path) -> int:
 
 def save_cman_model(checkpoint: str | Path, path: str | Path) -> Path:
     """Write the pyfunc model directory for `checkpoint` at `path` (which must not exist)."""
-    import cman
 
     checkpoint = Path(checkpoint).resolve()
     if not (checkpoint / "config.yaml").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a CMAN checkpoint (no config.yaml)")
+    with warnings.catch_warnings():  # the signature is explicit (model_signature): no type-hint inference wanted
+        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
+        _save(checkpoint, path)
+    return Path(path)
+
+
+def _save(checkpoint: Path, path: str | Path) -> None:
+    import cman
+
     mlflow.pyfunc.save_model(
         path=str(path),
         python_model=str(Path(__file__).resolve()),
@@ -152,7 +161,6 @@ def save_cman_model(checkpoint: str | Path, path: str | Path) -> Path:
         pip_requirements=pinned_requirements(),
         metadata={"cman_version": cman.__version__},
     )
-    return Path(path)
 
 
 def log_cman_model(client: Any, run_id: str, checkpoint: str | Path, artifact_path: str = "model") -> str:

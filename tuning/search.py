@@ -26,12 +26,16 @@ def storage_url(url: str) -> str:
 
 def make_searcher(config: CMANConfig, study_name: str) -> Any:
     """`OptunaSearch` (TPE, seeded) whose first point is the config's own values (the baseline trial)."""
+    import optuna
+
+    from jobs.cluster import is_verbose
+
+    if not is_verbose():  # optuna configures its own handler at INFO ("A new study created in memory ...")
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     tc = config.tune
     points = [baseline_point(config)]
     if not tc.optuna_storage:
         return OptunaSearch(points_to_evaluate=points, seed=tc.seed)
-    import optuna
-
     url = storage_url(tc.optuna_storage)
     try:
         storage = optuna.storages.RDBStorage(url)

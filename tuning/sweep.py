@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 MODE = "max"  # VAL_METRIC: higher is better
 EXPERIMENT_DIR = "tune"  # Tune's experiment folder under the output directory (what --resume restores)
 TRIALS_DIR = "trials"  # Ray Train runs (checkpoints), one per trial id
-REPORT_EVERY_S = 60  # Tune's status table: at most once a minute (and once at the end)
+REPORT_EVERY_S = 120  # Tune's status table: at most every 2 minutes (and once at the end)
 STATE_FILE = "sweep.json"  # MLflow ids, so a resumed sweep keeps logging into the same parent run
 
 DRIVER_CPU_SHARE = 0.1  # part of tune.cpus_per_trial taken by the trial's driver; the Train workers get the rest

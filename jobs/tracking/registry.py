@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,8 @@ def register_best(client: MlflowClient, run_id: str, scores: dict[str, float]) -
     `scores` holds `test_rsum` (and `val_rsum`); they are stored as version tags, so the next sweep can compare.
     """
     tags = {k: f"{float(v):.6f}" for k, v in scores.items() if v is not None}
-    version = mlflow.register_model(f"runs:/{run_id}/model", MODEL_NAME, tags=tags)
+    with contextlib.redirect_stderr(io.StringIO()):  # its "Successfully registered" lines; ours is logged below
+        version = mlflow.register_model(f"runs:/{run_id}/model", MODEL_NAME, tags=tags)
     current = champion(client)
     promoted = current is None or _score(tags) > _score(current.tags)
     if promoted:
