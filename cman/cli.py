@@ -145,6 +145,13 @@ def _training_commands(sub: Any) -> None:
     )
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser(
+        "export", help="copy a checkpoint with its frozen pretrained bases inside (loads without the hub or its cache)"
+    )
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (e.g. outputs/tune/best)")
+    _flag(p, "--out", required=True, help="new directory for the self-contained copy (must not exist)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("tune", help="Ray Tune + Optuna sweep over LoRA rank/alpha, margin and learning rate")
     _config_args(p)
     _flag(p, "--num-samples", type=int, help="number of trials (tune.num_samples)")
@@ -323,6 +330,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     path = write_eval(Path(out), args.split, result)
     print(format_table(result))
     print(f"written to {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cman.models.cman import make_self_contained
+
+    out = Path(args.out)
+    if out.exists():
+        raise ValueError(f"--out {out} already exists: choose a new directory (nothing was written)")
+    path = make_self_contained(args.checkpoint, out)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(f"self-contained checkpoint written to {path} ({size / 2**20:.1f} MiB, bases included)")
     return 0
 
 

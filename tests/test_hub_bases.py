@@ -10,14 +10,20 @@ import torch
 from tiny import pretrained_config, save_tiny_backbones
 
 from cman.models import CMAN, build_model
-from cman.models.cman import MissingBaseError, make_self_contained
+from cman.models.cman import MissingBaseError
 
 
-def test_missing_base_is_named_and_a_self_contained_copy_loads_without_it(tmp_path) -> None:
+def test_missing_base_is_named_and_a_self_contained_copy_loads_without_it(tmp_path, capsys) -> None:
+    """`cman export` (`make_self_contained`) copies a checkpoint with its frozen hub bases inside."""
+    from cman.cli import main
+
     dirs = save_tiny_backbones(tmp_path / "hub", audio="ast")
     model = build_model(pretrained_config(dirs)).eval()
     model.save_pretrained(tmp_path / "ckpt", metadata={"epoch": 2})
-    make_self_contained(tmp_path / "ckpt", tmp_path / "standalone")
+    assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "standalone")]) == 0
+    assert "self-contained checkpoint written to" in capsys.readouterr().out
+    assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "standalone")]) == 1
+    assert "--out " + str(tmp_path / "standalone") + " already exists" in capsys.readouterr().err
     assert (tmp_path / "standalone" / "encoders" / "image" / "base" / "model.safetensors").is_file()
     tokens = model.processors["text"].collate([model.processors["text"].features("a small red circle")])
     with torch.no_grad():
