@@ -308,7 +308,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from jobs.train import run_training
 
         resume = not args.no_resume
-        report = run_training(config, where.output, address=args.address, resume=resume, local_dir=where.local_dir)
+        local_dir = where.local_dir if where.remote else None  # a plain --output-dir holds everything
+        report = run_training(config, where.output, address=args.address, resume=resume, local_dir=local_dir)
     print(format_table(report["test"]))
     print(f"checkpoints: {where.local_dir / 'checkpoints'}  metrics: {report['eval_path']}")
     if where.remote:

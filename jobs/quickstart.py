@@ -91,7 +91,13 @@ def _run(
     output_dir = where.local_dir
     data_dir = output_dir / "data"
     ensure_dataset(data_dir, dataset_counts)
-    settings = {"data.root": str(data_dir), "output_dir": where.output, "tune.num_samples": num_samples or 4}
+    settings = {
+        "data.root": str(data_dir),
+        "output_dir": where.output,
+        "tune.num_samples": num_samples or 4,
+        # features (fbank, resized images, tokens) computed once and shared by every trial's worker, not per trial
+        "data.cache_dir": str(output_dir / "feature_cache"),
+    }
     config = load_config(DEMO_CONFIG, {**settings, **(overrides or {})})
     best, test = train_best(config, where)
     trained = time.perf_counter() - start

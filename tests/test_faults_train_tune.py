@@ -31,7 +31,7 @@ TINY = {
     "training.eval_batch_size": 32,
     "data.max_items": 24,
 }
-TRAIN_EPOCHS = 3
+TRAIN_EPOCHS = 4
 # Ray Train's controller collects a worker's reports when it polls the workers (every 2 s by default): a checkpoint
 # reported less than one poll before the worker dies is on disk but not yet Ray's latest. The Train test polls faster
 # and kills the worker only after REGISTERED_AFTER_S.
@@ -179,7 +179,7 @@ def test_train_worker_sigkill_restarts_from_checkpoint(cman_process, demo_root: 
         "training.epochs": TRAIN_EPOCHS,
         "ray.num_workers": 1,
         "ray.max_failures": 1,
-        "data.max_items": 48,  # 6 steps an epoch: the kill lands inside an epoch more often than between two
+        "data.max_items": 96,  # 12 steps an epoch: the kill lands inside an epoch more often than between two
     }
     config_path = REPO / "configs" / "demo.yaml"
     args = ["train", "--config", str(config_path), "--output-dir", str(out), *set_args(overrides)]
