@@ -14,13 +14,13 @@ from __future__ import annotations
 import base64
 import binascii
 import tempfile
-import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -71,7 +71,6 @@ def _empty(value: Any) -> bool:
 
 
 def _records(model_input: Any) -> list[dict[str, Any]]:
-    import pandas as pd
 
     frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
     unknown = [c for c in frame.columns if c not in COLUMNS]
@@ -88,7 +87,9 @@ class CMANPyfunc(PythonModel):
 
         self.model = CMAN.from_pretrained(context.artifacts[CHECKPOINT_ARTIFACT])
 
-    def predict(self, context, model_input, params=None):  # no type hints: the signature is given explicitly
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        # `pd.DataFrame` (what pyfunc passes for a column signature) is a hint MLflow infers no schema from: the
+        # signature stays the explicit one (model_signature), and MLflow's "Add type hints" warning is not raised
         rows = _records(model_input)
         groups: dict[tuple[str, ...], list[int]] = {}
         parsed: list[dict[str, Any]] = []
@@ -138,19 +139,11 @@ def _embedding_dim(checkpoint: Path) -> int:
 
 def save_cman_model(checkpoint: str | Path, path: str | Path) -> Path:
     """Write the pyfunc model directory for `checkpoint` at `path` (which must not exist)."""
+    import cman
 
     checkpoint = Path(checkpoint).resolve()
     if not (checkpoint / "config.yaml").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a CMAN checkpoint (no config.yaml)")
-    with warnings.catch_warnings():  # the signature is explicit (model_signature): no type-hint inference wanted
-        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
-        _save(checkpoint, path)
-    return Path(path)
-
-
-def _save(checkpoint: Path, path: str | Path) -> None:
-    import cman
-
     mlflow.pyfunc.save_model(
         path=str(path),
         python_model=str(Path(__file__).resolve()),
@@ -161,6 +154,7 @@ def _save(checkpoint: Path, path: str | Path) -> None:
         pip_requirements=pinned_requirements(),
         metadata={"cman_version": cman.__version__},
     )
+    return Path(path)
 
 
 def log_cman_model(client: Any, run_id: str, checkpoint: str | Path, artifact_path: str = "model") -> str:
