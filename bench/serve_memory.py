@@ -8,7 +8,7 @@ Per config, a fresh model is built (`build_model`; the pretrained config loads a
 the way serve_app does it (`CMAN.from_pretrained(ckpt, modalities=[m]).merge_adapters()` for the encoder
 deployment of modality m; `modalities=[]` — fusion + projections — for the Retriever) and, for comparison, the whole
 checkpoint (what every replica loaded before replicas loaded only their part). Reported per role: parameters held,
-and the process's RSS growth from "torch + cman imported" to "model loaded" (ru_maxrss, MiB). Prints JSON; the
+and the process's resident memory growth from "torch + cman imported" to "model loaded" (VmRSS, MiB). Prints JSON; the
 served demo app has 4 model-holding replicas (3 encoders + Retriever). Model memory only: Ray's and FastAPI's own
 per-process memory is the same in both layouts and not measured here.
 """
@@ -27,17 +27,23 @@ REPO = Path(__file__).resolve().parents[1]
 ROLES = {"text": ["text"], "audio": ["audio"], "image": ["image"], "retriever": [], "whole": None}
 
 PROBE = r"""
-import json, resource, sys
+import gc, json, sys
 import torch  # noqa: F401
 from cman.models.cman import CMAN
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def rss_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+
+before = rss_kib()
 modalities = json.loads(sys.argv[2])
 model = CMAN.from_pretrained(sys.argv[1], modalities=modalities)
 if modalities is None or modalities:
     model.merge_adapters()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+gc.collect()
 params = sum(p.numel() for p in model.parameters())
-print(json.dumps({"params": params, "rss_growth_mib": round((after - before) / 1024, 1)}))
+print(json.dumps({"params": params, "rss_growth_mib": round((rss_kib() - before) / 1024, 1)}))
 """
 
 
