@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from emit import emit_json  # noqa: E402 - bench/ is sys.path[0] when a script here runs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ATTRIBUTES = ("size", "colour", "shape", "position")  # the order of the parts of an item's `group`
@@ -78,11 +79,7 @@ def main() -> int:
             "all_four": round(100 * float(same_group.all(1).mean()), 1),
         },
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    path = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "paraphrase_probe.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    emit_json(result, "paraphrase_probe", args.out)
     return 0
 
 

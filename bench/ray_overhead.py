@@ -15,7 +15,6 @@ export + test evaluation). The data is the embedded demo dataset, generated into
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -31,6 +30,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from emit import emit_json  # noqa: E402 - bench/ is sys.path[0] when a script here runs
 
 from cman.config import load_config, parse_override  # noqa: E402
 
@@ -125,11 +125,7 @@ def main() -> int:
         "ray_wall_s": ray_run["wall_s"],
         "breakdown": {"in_process": in_process, "ray": ray_run},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    path = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "ray_overhead.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    emit_json(result, "ray_overhead", args.out)
     return 0
 
 

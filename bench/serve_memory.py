@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from emit import emit_json  # noqa: E402 - bench/ is sys.path[0] when a script here runs
+
 REPO = Path(__file__).resolve().parents[1]
 ROLES = {"text": ["text"], "audio": ["audio"], "image": ["image"], "retriever": [], "whole": None}
 
@@ -73,7 +75,7 @@ def probe(checkpoint: Path, modalities: list[str] | None) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["demo", "pretrained_text"])
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "serve_memory.json"))
+    parser.add_argument("--out", default=None, help="JSON output (default bench/results/serve_memory.json)")
     args = parser.parse_args()
     os.chdir(REPO)  # configs name ../shared/data/pretrained relative to the project root
     result: dict = {}
@@ -93,10 +95,7 @@ def main() -> int:
                     "rss_growth_mib": round(4 * roles["whole"]["rss_growth_mib"], 1),
                 },
             }
-    text = json.dumps(result, indent=2)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    emit_json(result, "serve_memory", args.out)
     return 0
 
 
