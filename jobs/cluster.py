@@ -119,13 +119,11 @@ def quiet_libraries() -> None:
 
 
 def quiet_worker_process() -> None:
-    """Ray's `worker_process_setup_hook` (set by `connect` unless verbose): runs at the start of every worker process.
-
-    Ray Train's controller and worker INFO lines per run and per report ("Requesting resources", "Attempting to start
-    training worker group", "Setting up process group", "Reporting training result", "Checkpoint successfully
-    created") and the libraries' chatter are turned off; warnings and errors still reach the console."""
+    """Ray's `worker_process_setup_hook` (set by `connect` unless verbose): the libraries' INFO chatter off in every
+    worker process (Ray Data actors, Serve replicas, Train workers), warnings and errors still reach the console. It
+    runs at each worker's start, so it only sets logger levels and imports nothing. Ray Train's own lines are set by
+    `LoggingConfig` (jobs.launch) and `quiet_train_worker_logs` (called by the Train worker)."""
     quiet_libraries()
-    quiet_train_worker_logs()
 
 
 def quiet_train_worker_logs() -> None:
