@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,12 @@ def register_best(client: MlflowClient, run_id: str, scores: dict[str, float]) -
     `scores` holds `test_rsum` (and `val_rsum`); they are stored as version tags, so the next sweep can compare.
     """
     tags = {k: f"{float(v):.6f}" for k, v in scores.items() if v is not None}
-    with contextlib.redirect_stderr(io.StringIO()):  # its "Successfully registered" lines; ours is logged below
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):  # MLflow prints "Successfully registered ..."; ours is logged below
         version = mlflow.register_model(f"runs:/{run_id}/model", MODEL_NAME, tags=tags)
+    for line in captured.getvalue().splitlines():  # anything else it printed (a warning) still reaches stderr
+        if line.strip() and not line.startswith(("Successfully registered model", "Created version")):
+            print(line, file=sys.stderr)
     current = champion(client)
     promoted = current is None or _score(tags) > _score(current.tags)
     if promoted:
