@@ -72,16 +72,45 @@ SERVE_OVERRIDES = {
 }
 
 
+def serve_run_within(app, name: str, route_prefix: str, timeout_s: float = 240.0) -> None:
+    """`serve.run`, which waits for RUNNING without end, bounded: a deployment that cannot be placed fails the
+    test in `timeout_s` with what the cluster holds, instead of hanging until pytest's timeout."""
+    import threading
+
+    import ray
+    from ray import serve
+
+    failure: list[BaseException] = []
+
+    def deploy() -> None:
+        try:
+            serve.run(app, name=name, route_prefix=route_prefix)
+        except BaseException as err:  # noqa: BLE001 - handed to the test's thread
+            failure.append(err)
+
+    thread = threading.Thread(target=deploy, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if failure:
+        raise failure[0]
+    if thread.is_alive():
+        status = serve.status().applications.get(name)
+        held = {k: v["bundles"] for k, v in ray.util.placement_group_table().items() if v["state"] != "REMOVED"}
+        serve.delete(name)
+        pytest.fail(
+            f"Serve app {name!r} not RUNNING after {timeout_s:.0f} s: {status}; available {ray.available_resources()}"
+            f"; placement groups held {held}"
+        )
+
+
 def run_serve_app(args) -> float:
     """`serve.run` the CMAN application for `args` (a ServeArgs); returns the seconds it took."""
     import time
 
-    from ray import serve
-
     from serve_app.app import build_app
 
     start = time.perf_counter()
-    serve.run(build_app(args), name=SERVE_APP, route_prefix="/")
+    serve_run_within(build_app(args), SERVE_APP, "/")
     return time.perf_counter() - start
 
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import soundfile as sf
-from conftest import SERVE_APP
+from conftest import SERVE_APP, serve_run_within
 from PIL import Image
 
 
@@ -27,7 +27,7 @@ def extra_ingress(
     cfg = resolve_serve_config(served_app["args"]).model_copy(update=settings)
     retriever = serve.get_deployment_handle("Retriever", SERVE_APP)
     encoders = {m.value: serve.get_deployment_handle(DEPLOYMENT_NAMES[m], SERVE_APP) for m in Modality}
-    serve.run(build_ingress(cfg, key, host, retriever, encoders), name=name, route_prefix=f"/{name}")
+    serve_run_within(build_ingress(cfg, key, host, retriever, encoders), name, f"/{name}", timeout_s=120)
     try:
         yield f"{served_app['url']}/{name}"
     finally:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import serve_run_within
 
 from cman import gallery_log
 from cman.index import open_gallery
@@ -45,10 +46,8 @@ def gallery_app(ray_session, trained_checkpoint: Path, demo_root: Path, tmp_path
         "max_batch_size": 8,
         "batch_wait_timeout_s": 0.02,
     }
-    serve.run(
-        build_app(ServeArgs(checkpoint=str(trained_checkpoint), index_dir=str(index_dir), serve=settings)),
-        name=APP,
-        route_prefix="/",
+    serve_run_within(
+        build_app(ServeArgs(checkpoint=str(trained_checkpoint), index_dir=str(index_dir), serve=settings)), APP, "/"
     )
     yield {"url": f"http://127.0.0.1:{port}", "index_dir": index_dir, "root": demo_root}
     serve.delete(APP)

@@ -5,6 +5,10 @@ placement group lives on until the sweep's job ends. Ray Train's own cleaner fin
 State API, which needs the Ray dashboard; clusters started with `include_dashboard=False` (tests, laptops) would keep
 every stopped trial's CPUs reserved and the next trial's workers would never start. This Tune callback, running in
 the sweep's driver process, removes the group recorded by the trial's loop (`D/trials/<trial id>/placement_group`).
+
+A trial stopped before its loop started (an interrupt while its workers are starting) has recorded nothing: at the
+end of the experiment the callback also removes every worker-shaped group this job created during the sweep that is
+still held (none of the sweep's trials runs any more by then).
 """
 
 from __future__ import annotations
@@ -26,10 +30,16 @@ class ReleasePlacementGroups(Callback):
     """Remove the worker placement groups of ended trials, `delay_s` after the end (once Tune has stopped the
     trial's driver; removing them earlier would make a still-running Train controller restart its workers)."""
 
-    def __init__(self, trials_dir: str, delay_s: float = 3.0):
+    def __init__(self, trials_dir: str, worker_bundle: dict[str, float], delay_s: float = 3.0):
         self.trials_dir = trials_dir
+        self.worker_bundle = dict(worker_bundle)
         self.delay_s = delay_s
         self._pending: dict[str, float] = {}
+        self._existing: set[str] = set()
+
+    def setup(self, **info) -> None:
+        """The groups that exist before the sweep (re)starts are never touched."""
+        self._existing = set(ray.util.placement_group_table())
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._pending[trial.trial_id] = time.monotonic()
@@ -48,6 +58,25 @@ class ReleasePlacementGroups(Callback):
         self._pending.clear()
         for trial in trials:
             self._release(trial.trial_id)
+        if self._leftovers():
+            time.sleep(self.delay_s)  # let the stopped trials' Train controllers die first
+            for group_id in self._leftovers():
+                self._remove(group_id, "left by a trial stopped before its workers started")
+
+    def _leftovers(self) -> list[str]:
+        """Held groups of this job, created since `setup`, shaped like the sweep's Train worker groups.
+
+        A placement group id ends with the id of the job that created it (Ray's id specification)."""
+        job = ray.get_runtime_context().get_job_id()
+        return [
+            group_id
+            for group_id, info in ray.util.placement_group_table().items()
+            if group_id not in self._existing
+            and group_id.endswith(job)
+            and info.get("state") == "CREATED"
+            and info.get("bundles")
+            and all(_same_resources(bundle, self.worker_bundle) for bundle in info["bundles"].values())
+        ]
 
     def __getstate__(self) -> dict:  # Tune checkpoints its callbacks: pending releases belong to this process only
         return {**self.__dict__, "_pending": {}}
@@ -57,11 +86,19 @@ class ReleasePlacementGroups(Callback):
         if not path.is_file():
             return
         for group_id in path.read_text().split():
-            try:
-                group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id)))
-                if ray.util.placement_group_table(group).get("state") != "REMOVED":
-                    remove_placement_group(group)
-                    logger.info("released the worker placement group of ended trial %s", trial_id)
-            except Exception as err:  # noqa: BLE001 - already gone, or the cluster is shutting down
-                logger.debug("placement group %s of trial %s: %s", group_id, trial_id, err)
+            self._remove(group_id, f"of ended trial {trial_id}")
         path.unlink()
+
+    @staticmethod
+    def _remove(group_id: str, why: str) -> None:
+        try:
+            group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id)))
+            if ray.util.placement_group_table(group).get("state") != "REMOVED":
+                remove_placement_group(group)
+                logger.info("released worker placement group %s %s", group_id, why)
+        except Exception as err:  # noqa: BLE001 - already gone, or the cluster is shutting down
+            logger.debug("placement group %s %s: %s", group_id, why, err)
+
+
+def _same_resources(bundle: dict[str, float], expected: dict[str, float]) -> bool:
+    return set(bundle) == set(expected) and all(abs(bundle[k] - expected[k]) < 1e-6 for k in expected)

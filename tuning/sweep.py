@@ -414,7 +414,8 @@ def run_sweep(
             experiment_id=mlflow_state["experiment_id"],
             tags={"mlflow.parentRunId": mlflow_state["parent_run_id"], "cman.kind": "trial"},
         )
-        releaser = ReleasePlacementGroups(str(local / TRIALS_DIR))
+        worker_bundle = trial_resources(config)[1]["ray.resources_per_worker"]
+        releaser = ReleasePlacementGroups(str(local / TRIALS_DIR), worker_bundle)
         results = _fit(config, where, resume, [logger_cb, releaser], study_name)
         finished = _finished_trials(where)
         if finished < config.tune.num_samples:
