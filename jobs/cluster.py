@@ -116,6 +116,8 @@ def quiet_libraries() -> None:
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # "Downloading artifacts" bars
+    for name, value in QUIET_WORKER_ENV.items():  # read when huggingface_hub is first imported
+        os.environ.setdefault(name, value)
 
 
 def quiet_worker_process() -> None:
