@@ -8,7 +8,6 @@ function (`loop`) is the caller's: `jobs.train.train_loop_per_worker`, or the sw
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,10 +23,6 @@ if TYPE_CHECKING:
     from jobs.tracking import Tracking
 
 RUN_NAME = "cman_train"  # Ray's run folder: D/ray_results/cman_train
-# How often Ray Train's controller polls its workers (reports, the end of the loop). Ray's default, 2 s, keeps a
-# finished run waiting ~5 s before `fit` returns; 0.5 s: ~1 s (a one-report run, measured side by side on the 2-core
-# VM). The trainer hands this variable from the process that builds it to its controller; a user's value wins.
-POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 
 def make_loop_config(
@@ -54,7 +49,6 @@ def build_trainer(
     """A TorchTrainer over `config.ray`, stored under `output_dir/ray_results/cman_train` (best + latest kept), or
     where `ray_storage` (`RunConfig` storage_path / storage_filesystem, see `jobs.storage`) says."""
     rc = config.ray
-    os.environ.setdefault(POLL_ENV, POLL_S)
     run_config = RunConfig(
         name=RUN_NAME,
         **(ray_storage or {"storage_path": str(Path(output_dir).resolve() / "ray_results")}),

@@ -32,9 +32,10 @@ TINY = {
     "data.max_items": 24,
 }
 TRAIN_EPOCHS = 4
-# Ray Train's controller collects a worker's reports when it polls the workers (every 0.5 s as `cman` sets it, see
-# jobs.launch.POLL_S): a checkpoint reported less than one poll before the worker dies is on disk but not yet Ray's
-# latest. The Train test kills the worker only after REGISTERED_AFTER_S.
+# Ray Train's controller collects a worker's reports when it polls the workers (every 2 s by default): a checkpoint
+# reported less than one poll before the worker dies is on disk but not yet Ray's latest. The Train test polls faster
+# and kills the worker only after REGISTERED_AFTER_S.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 REGISTERED_AFTER_S = 2.0
 TUNE_EPOCHS = 1
 TUNE_TRIALS = 2
@@ -182,7 +183,7 @@ def test_train_worker_sigkill_restarts_from_checkpoint(cman_process, demo_root: 
     }
     config_path = REPO / "configs" / "demo.yaml"
     args = ["train", "--config", str(config_path), "--output-dir", str(out), *set_args(overrides)]
-    proc = cman_process(*args)
+    proc = cman_process(*args, env=TRAIN_ENV)
 
     # wait for the first checkpoint (epoch >= 1) and for Ray to register it; the worker is then in a later epoch
     poll(lambda: checkpoint_epochs(out), proc, 120, "first checkpoint")
