@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,9 @@ def _run(
         "data.cache_dir": str(output_dir / "feature_cache"),
     }
     config = load_config(DEMO_CONFIG, {**settings, **(overrides or {})})
+    cpus = os.cpu_count() or 1
+    if config.tune.cpus_per_trial > cpus and not os.environ.get("RAY_ADDRESS"):  # a trial that could never start
+        config = config.with_overrides({"tune.cpus_per_trial": cpus})
     best, test = train_best(config, where)
     trained = time.perf_counter() - start
     index_dir = output_dir / "index"
