@@ -206,11 +206,16 @@ def run_training(
     run = tracking.open_run(config, local, resume=resume) if track else None
     fail_at = int(os.environ[FAIL_ONCE_ENV]) if os.environ.get(FAIL_ONCE_ENV) else None
     loop_config = make_loop_config(config, local, run, fail_once_at_epoch=fail_at)
-    started = config.ray.num_workers > 0 and cluster.connect(address)
+    finished = finished_result(where, config.training.epochs) if resume and config.ray.num_workers > 0 else None
+    started = finished is None and config.ray.num_workers > 0 and cluster.connect(address)
     try:
-        ray_storage = where.ray_storage("ray_results")
-        trainer = build_trainer(config, local, loop_config, train_loop_per_worker, ray_storage=ray_storage)
-        best, last = export_checkpoints(trainer.fit(), local)
+        if finished is None:
+            ray_storage = where.ray_storage("ray_results")
+            trainer = build_trainer(config, local, loop_config, train_loop_per_worker, ray_storage=ray_storage)
+            finished = trainer.fit()
+        else:
+            logger.info("the run in %s already trained all %d epochs", where.describe(), config.training.epochs)
+        best, last = export_checkpoints(finished, local)
         report = finish(config, local, _history(last))
         if run is not None:
             tracking.finish_run(run, report, best)
@@ -222,6 +227,20 @@ def run_training(
         if started:
             ray.shutdown()
     return report
+
+
+def finished_result(where: storage.RunLocation, epochs: int) -> Any | None:
+    """The stored Ray Train run's `Result` if its latest checkpoint is of epoch `epochs` or later, else None.
+
+    Re-running a finished `cman train` then exports and evaluates it again without starting Ray Train (a fit that
+    has nothing left to train still costs ~20 s of controller and worker start-up here)."""
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(where.join("ray_results", RUN_NAME), storage_filesystem=where.fs)
+    except RuntimeError:  # no run there yet, or one that never recorded a checkpoint
+        return None
+    return result if int((result.metrics or {}).get("epoch", 0)) >= epochs else None
 
 
 def _start_over(where: storage.RunLocation) -> None:

@@ -91,6 +91,7 @@ def test_interrupted_run_continues_when_rerun(
     from mlflow.tracking import MlflowClient
     from ray.train import TrainingFailedError
 
+    import jobs.train
     from jobs.train import FAIL_ONCE_ENV, run_training
 
     out = tmp_path / "run"
@@ -106,7 +107,12 @@ def test_interrupted_run_continues_when_rerun(
     assert [h["epoch"] for h in report["history"]] == [1, 2]
     assert steps_logged(out, "val_rsum") == [1, 2]
 
-    again = run_training(config, out)  # finished: exported and evaluated again, not retrained
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a finished run started Ray Train again")
+
+    with monkeypatch.context() as m:
+        m.setattr(jobs.train, "build_trainer", no_fit)
+        again = run_training(config, out)  # finished: exported and evaluated again without a Train run
     assert again["history"] == report["history"]
     assert steps_logged(out, "val_rsum") == [1, 2]
 
