@@ -72,6 +72,13 @@ SERVE_OVERRIDES = {
 }
 
 
+def held_placement_groups() -> dict[str, dict]:
+    """Placement groups still reserving resources on the session's Ray: id -> bundles."""
+    import ray
+
+    return {k: v["bundles"] for k, v in ray.util.placement_group_table().items() if v["state"] != "REMOVED"}
+
+
 def serve_run_within(app, name: str, route_prefix: str, timeout_s: float = 240.0) -> None:
     """`serve.run`, which waits for RUNNING without end, bounded: a deployment that cannot be placed fails the
     test in `timeout_s` with what the cluster holds, instead of hanging until pytest's timeout."""
@@ -95,7 +102,7 @@ def serve_run_within(app, name: str, route_prefix: str, timeout_s: float = 240.0
         raise failure[0]
     if thread.is_alive():
         status = serve.status().applications.get(name)
-        held = {k: v["bundles"] for k, v in ray.util.placement_group_table().items() if v["state"] != "REMOVED"}
+        held = held_placement_groups()
         serve.delete(name)
         pytest.fail(
             f"Serve app {name!r} not RUNNING after {timeout_s:.0f} s: {status}; available {ray.available_resources()}"

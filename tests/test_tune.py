@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import held_placement_groups
 from tiny import REPO, tiny_config
 
 from cman.config import ConfigError
@@ -77,10 +78,10 @@ def sweep(ray_session, tune_root: Path, tmp_path_factory: pytest.TempPathFactory
     try:
         with pytest.raises(RuntimeError, match="interrupted after 2/3 trials"):
             run_sweep(config, store.as_uri(), local_dir=out)
-        held = {"after the interrupt": _held_placement_groups()}
+        held = {"after the interrupt": held_placement_groups()}
         before = {p.name: _rows(p / "progress.csv") for p in (store / "tune").glob("trial_*")}
         summary = run_sweep(config, store.as_uri(), local_dir=out, resume=True)
-        held["after the resumed sweep"] = _held_placement_groups()
+        held["after the resumed sweep"] = held_placement_groups()
     finally:
         stop.set()
         signal.signal(signal.SIGUSR1, previous)
@@ -95,13 +96,6 @@ def sweep(ray_session, tune_root: Path, tmp_path_factory: pytest.TempPathFactory
         "uri": f"sqlite:///{db}",
         "optuna": config.tune.optuna_storage,
     }
-
-
-def _held_placement_groups() -> dict[str, dict]:
-    """Placement groups still reserving resources on the test session's Ray (Serve starts later in the session)."""
-    import ray
-
-    return {k: v["bundles"] for k, v in ray.util.placement_group_table().items() if v["state"] != "REMOVED"}
 
 
 def _rows(csv: Path) -> int:
