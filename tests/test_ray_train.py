@@ -1,5 +1,5 @@
 """Ray Train path of `cman train` (jobs/train.py): same numbers as the in-process loop, DDP with gathered
-validation, FailureConfig restarts that resume, and re-running an interrupted run. Real Ray, real MLflow (sqlite)."""
+validation, and re-running an interrupted run. Real Ray, real MLflow (sqlite)."""
 
 from __future__ import annotations
 
@@ -45,26 +45,38 @@ def test_in_process_ray_loop_matches_engine_fit(demo_root: Path, tmp_path: Path)
 
 
 @pytest.mark.ray
-def test_two_workers_restart_after_failure_and_gather_validation(
+def test_interrupted_two_worker_run_continues_when_rerun(
     ray_session, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """2 DDP workers; rank 0 dies once at the start of epoch 2. FailureConfig restarts the group, which resumes from
-    the epoch-1 checkpoint; the gathered val metrics equal a single-process evaluation of the checkpoint."""
+    """2 DDP workers; rank 0 dies at the start of epoch 2 with no retries left, so the run fails. The same call with
+    the same output dir continues it from the epoch-1 checkpoint (epoch 1 is not trained or logged again) and the
+    gathered val metrics equal a single-process evaluation of the checkpoint; re-running the finished run trains
+    nothing more; resume=False starts over. (Restarts within a run, `ray.max_failures`, are tested with a real worker
+    SIGKILL in test_faults_train_tune.py; one test here keeps the suite to three Train runs instead of five.)"""
+    from mlflow.tracking import MlflowClient
+    from ray.train import TrainingFailedError
+
+    import jobs.train
     from cman.training import evaluate_checkpoint
     from jobs.train import FAIL_ONCE_ENV, run_training
 
-    monkeypatch.setenv(FAIL_ONCE_ENV, "2")
     out = tmp_path / "run"
     config = tiny_config(
         demo_root,
         SIZES,
-        **{"training.epochs": 2, "ray.num_workers": 2, "ray.max_failures": 1, "training.num_threads": 1},
+        **{"training.epochs": 2, "ray.num_workers": 2, "ray.max_failures": 0, "training.num_threads": 1},
     )
-    report = run_training(config, out)
-
+    monkeypatch.setenv(FAIL_ONCE_ENV, "2")
+    with pytest.raises(TrainingFailedError):
+        run_training(config, out)
     assert (out / ".injected_failure_epoch_2").exists(), "the injected failure did not happen"
+    assert not (out / "checkpoints").exists()
+    assert steps_logged(out, "val_rsum") == [1]
+
+    monkeypatch.delenv(FAIL_ONCE_ENV)
+    report = run_training(config, out)
     assert [h["epoch"] for h in report["history"]] == [1, 2]
-    # epoch 1 was trained (and logged) once: the restart resumed from its checkpoint instead of from scratch
+    # epoch 1 was trained (and logged) once: the re-run resumed from its checkpoint instead of from scratch
     assert steps_logged(out, "val_rsum") == [1, 2]
     assert steps_logged(out, "train_loss") == [1, 2]
 
@@ -76,36 +88,9 @@ def test_two_workers_restart_after_failure_and_gather_validation(
     for direction, values in single["directions"].items():
         for name, value in values.items():
             assert meta["metrics"]["directions"][direction][name] == pytest.approx(value, abs=1e-6), (direction, name)
-
     best_meta = json.loads((out / "checkpoints" / "best" / "metadata.json").read_text())
     assert best_meta["metrics"]["rsum"] == max(h["val_rsum"] for h in report["history"])
     assert json.loads(Path(report["eval_path"]).read_text())["rsum"] == pytest.approx(report["test"]["rsum"])
-
-
-@pytest.mark.ray
-def test_interrupted_run_continues_when_rerun(
-    ray_session, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A run that dies (no retries left) after epoch 1 is continued by the same call with the same output dir;
-    re-running a finished run trains nothing more; resume=False starts over."""
-    from mlflow.tracking import MlflowClient
-    from ray.train import TrainingFailedError
-
-    import jobs.train
-    from jobs.train import FAIL_ONCE_ENV, run_training
-
-    out = tmp_path / "run"
-    config = tiny_config(demo_root, SIZES, **{"training.epochs": 2, "ray.num_workers": 1, "ray.max_failures": 0})
-    monkeypatch.setenv(FAIL_ONCE_ENV, "2")
-    with pytest.raises(TrainingFailedError):
-        run_training(config, out)
-    assert not (out / "checkpoints").exists()
-    assert steps_logged(out, "val_rsum") == [1]
-
-    monkeypatch.delenv(FAIL_ONCE_ENV)
-    report = run_training(config, out)
-    assert [h["epoch"] for h in report["history"]] == [1, 2]
-    assert steps_logged(out, "val_rsum") == [1, 2]
 
     def no_fit(*args, **kwargs):
         raise AssertionError("a finished run started Ray Train again")
