@@ -27,6 +27,10 @@ WORKER_ENV_VARS = (
 VERBOSE_ENV = "CMAN_VERBOSE"  # set by `cman -v`: Ray's and the workers' own logs and progress bars come back
 QUIET_WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # transformers' "Writing model shards" bars per checkpoint
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in a `ray job submit` entrypoint (its runtime env)
+# Only for the single-node Ray that `connect` starts itself: Ray Train's preemption watcher (one more actor per Train
+# run, polling for nodes being drained) has no other node to watch there, and its creation logs a core_worker ERROR
+# ("constructor arguments in the object store and max_restarts > 0") on the console of every run and sweep trial.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def connect(
@@ -47,6 +51,8 @@ def connect(
     if not verbose:
         env_vars = {**QUIET_WORKER_ENV, **env_vars}
         os.environ.update({k: v for k, v in QUIET_WORKER_ENV.items() if k not in os.environ})
+    if not address:
+        env_vars = {**LOCAL_RAY_ENV, **env_vars}
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
     if not verbose:  # every Ray worker process (Train controllers and workers, Tune trials) starts quiet
         runtime_env["worker_process_setup_hook"] = "jobs.cluster.quiet_worker_process"
@@ -108,6 +114,9 @@ QUIET_LOGGERS = {  # logger -> level, in the CLI process and (see `quiet_worker_
     "urllib3": logging.ERROR,
     "filelock": logging.ERROR,
     "tensorboardX": logging.ERROR,
+    # "Detected that the Ray Train controller actor (...) is dead. Cleaning up placement group": the expected path
+    # for every trial that ASHA stops (Tune ends the trial's Train controller); its errors still show
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
 }
 
 
