@@ -114,9 +114,8 @@ def _run(
     trained = time.perf_counter() - start
     index_dir = output_dir / "index"
     if not (index_dir / "index_meta.json").is_file() or _stale(index_dir, best):
-        counts = build_index(
-            best, config.data.test_split, index_dir, root=data_dir, kind=config.serve.index_kind, progress=False
-        )
+        split, kind = config.data.test_split, config.serve.index_kind
+        counts = build_index(best, split, index_dir, root=data_dir, kind=kind, progress=cluster.is_verbose())
     else:
         counts = json.loads((index_dir / "index_meta.json").read_text())["counts"]
     print(
