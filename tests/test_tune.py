@@ -269,3 +269,15 @@ def test_bad_search_space_is_one_error_before_any_trial(tune_root: Path, tmp_pat
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "tune.space.rank" in lines[0], proc.stderr
     assert not (tmp_path / "cli").exists()
+
+
+def test_a_trial_bigger_than_the_local_ray_is_one_error(tune_root: Path) -> None:
+    """`cman tune --config demo` (2 CPUs per trial) on a 1-CPU machine: a clear error, not a sweep waiting forever."""
+    from tuning.sweep import check_trial_fits
+
+    config = tiny_config(tune_root, SIZES, **{"tune.cpus_per_trial": 2, "tune.gpus_per_trial": 1})
+    with pytest.raises(ConfigError, match=r"tune\.cpus_per_trial: 2 but this Ray has 1 in all.*cpus_per_trial=1"):
+        check_trial_fits(config, {"CPU": 1.0, "GPU": 1.0})
+    with pytest.raises(ConfigError, match=r"tune\.gpus_per_trial: 1 but this Ray has 0 in all"):
+        check_trial_fits(config, {"CPU": 2.0})
+    check_trial_fits(config, {"CPU": 2.0, "GPU": 1.0})  # fits exactly

@@ -18,7 +18,7 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
-from cman.config import CMANConfig, from_dict
+from cman.config import CMANConfig, ConfigError, from_dict
 from cman.metrics import VAL_METRIC
 from jobs import storage
 from jobs.storage import RunLocation
@@ -50,6 +50,21 @@ def trial_resources(config: CMANConfig) -> tuple[dict[str, float], dict[str, Any
         "training.num_threads": None,  # the worker's CPU share, rounded up (jobs.train.set_worker_threads)
     }
     return {"cpu": driver_cpu, "gpu": 0}, overrides
+
+
+def check_trial_fits(config: CMANConfig, cluster: dict[str, float]) -> None:
+    """A ConfigError if one trial needs more CPUs or GPUs than the whole (local) cluster has: Tune would wait forever
+    for resources that never come (e.g. configs/demo.yaml's `tune.cpus_per_trial: 2` on a 1-CPU machine)."""
+    tc = config.tune
+    for key, need, have in (
+        ("tune.cpus_per_trial", tc.cpus_per_trial, cluster.get("CPU", 0.0)),
+        ("tune.gpus_per_trial", tc.gpus_per_trial, cluster.get("GPU", 0.0)),
+    ):
+        if need > have:
+            raise ConfigError(
+                f"{key}: {need:g} but this Ray has {have:g} in all, so no trial could ever start; "
+                f"set --set {key}={have:g} (or less), or join a bigger cluster with --address"
+            )
 
 
 def train_driver(trial: dict[str, Any], base: dict[str, Any], where: RunLocation) -> None:
@@ -405,10 +420,12 @@ def run_sweep(
     validate_space(config)  # one clear ConfigError before Ray or MLflow start
     config = _absolute_paths(config, where.output)
     _check_output_dir(where, resume)
-    mlflow_state = _mlflow_setup(config, local, resume)
-    study_name = f"{mlflow_state['experiment']}-{mlflow_state['parent_run_id'][:8]}"
     started = cluster.connect(address)  # False when the caller (a test, a job) already runs Ray
     try:
+        if started:  # a Ray of this machine only: on a cluster, an autoscaler may still add the resources
+            check_trial_fits(config, ray.cluster_resources())
+        mlflow_state = _mlflow_setup(config, local, resume)
+        study_name = f"{mlflow_state['experiment']}-{mlflow_state['parent_run_id'][:8]}"
         logger_cb = TrialLogger(
             tracking_uri=mlflow_state["tracking_uri"],
             experiment_id=mlflow_state["experiment_id"],
