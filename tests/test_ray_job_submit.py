@@ -196,3 +196,19 @@ def test_ray_job_submit_trains_and_tracks(head_node: dict, demo_root: Path, tmp_
     assert run.info.status == "FINISHED"
     assert [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "val_rsum")] == [1, 2]
     assert "test_rsum" in run.data.metrics
+
+    # the same config trained in this process (no Ray; same seed, same thread count) has the same losses
+    import torch
+
+    from cman.config import load_config
+    from cman.training import fit
+
+    config = load_config(REPO / "configs" / "demo.yaml", {**overrides, "data.root": str(demo_root)})
+    threads = torch.get_num_threads()
+    try:
+        local = fit(config, tmp_path / "in_process", resume=False, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("train_loss", "val_rsum"):
+        logged = sorted(mlflow_client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+        assert [m.value for m in logged] == pytest.approx([h[key] for h in local["history"]], abs=1e-5), key
