@@ -49,6 +49,12 @@ class EncoderConfig(_Section):
         description="spectrogram audio: `dataset` = the extractor's fixed mean/std; `utterance` = per-utterance "
         "mean per mel bin and std removed (speaker/channel normalisation), padding at 0",
     )
+    position_init: Literal["normal", "sincos"] = Field(
+        default="normal",
+        description="random-init ViT / AST: `normal` = HF's truncated normal (std initializer_range); `sincos` = a "
+        "2-D sine-cosine table over the patch grid (trainable; MAE-style), strong enough next to the patch content "
+        "for a model learning from scratch to tell where a patch is",
+    )
     tokens: Literal["sequence", "mean"] = Field(
         default="sequence",
         description="what reaches the fusion transformer: `sequence` = every token of the backbone's last layer; "
@@ -144,6 +150,15 @@ class AudioAugmentConfig(_Section):
     freq_mask_width: int = Field(default=0, ge=0, description="max mel bins per frequency mask")
 
 
+class ImageAugmentConfig(_Section):
+    """Training-only image augmentation (cman.data.augment) on the processed pixels; ranges are maxima."""
+
+    enabled: bool = False
+    shift_pixels: int = Field(default=0, ge=0, description="random translation by up to this many pixels per axis")
+    brightness: float = Field(default=0.0, ge=0.0, lt=1.0, description="pixels scaled by a factor 1 ± brightness")
+    noise: float = Field(default=0.0, ge=0.0, description="std of Gaussian noise added to the normalised pixels")
+
+
 class DataConfig(_Section):
     root: str | None = Field(default=None, description="dataset root in the seed layout")
     train_split: str = "train"
@@ -157,6 +172,7 @@ class DataConfig(_Section):
     )
     max_items: int | None = Field(default=None, gt=0, description="use only the first N items of each split")
     audio_augment: AudioAugmentConfig = AudioAugmentConfig()
+    image_augment: ImageAugmentConfig = ImageAugmentConfig()
     balance_speakers: bool = Field(
         default=True, description="training batches balanced over speakers when items carry a `speaker` field"
     )

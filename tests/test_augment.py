@@ -1,5 +1,6 @@
-"""Audio augmentation (seeded, training only, never touching cached features), per-utterance normalisation, the
-speaker-balanced sampler, the digits importer's speaker field and the leave-one-speaker-out fold plan."""
+"""Audio and image augmentation (seeded, training only, never touching cached features), per-utterance
+normalisation, the speaker-balanced sampler, the digits importer's speaker field and the leave-one-speaker-out fold
+plan."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 import torch
 from tiny import tiny_demo_config
 
-from cman.config import AudioAugmentConfig
-from cman.data.augment import AudioAugment, real_length
+from cman.config import AudioAugmentConfig, ImageAugmentConfig
+from cman.data.augment import AudioAugment, ImageAugment, real_length
 from cman.data.dataset import load_split
 from cman.data.processors import AudioProcessor, fbank_frames, utterance_normalize
 from cman.data.sampler import SpeakerBalancedSampler, speaker_sampler
@@ -126,6 +127,50 @@ def test_loader_augments_training_only_and_stays_reproducible_without(demo_root:
     assert torch.equal(first_audio(on, True), first_audio(on, True))  # seeded
     assert not torch.equal(first_audio(on, True), first_audio(plain, True))
     assert torch.equal(first_audio(on, False), first_audio(plain, False))  # evaluation never augments
+
+
+def test_image_augmentation_shifts_within_its_range_and_is_seeded() -> None:
+    x = torch.zeros(3, 16, 16)
+    x[:, 8, 8] = 1.0  # one bright pixel
+    before = x.clone()
+    augment = ImageAugment(ImageAugmentConfig(enabled=True, shift_pixels=2))
+    moves = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        y = augment({"pixel_values": x})["pixel_values"]
+        assert y.shape == x.shape and float(y.sum()) == 3.0  # moved, not blurred or lost
+        row, col = (int(v) for v in torch.nonzero(y[0])[0])
+        assert abs(row - 8) <= 2 and abs(col - 8) <= 2
+        moves.add((row - 8, col - 8))
+    assert len(moves) > 10  # both axes, both directions
+    assert torch.equal(x, before)
+    torch.manual_seed(5)
+    a = ImageAugment(ImageAugmentConfig(enabled=True, brightness=0.2, noise=0.1))({"pixel_values": x})
+    torch.manual_seed(5)
+    b = ImageAugment(ImageAugmentConfig(enabled=True, brightness=0.2, noise=0.1))({"pixel_values": x})
+    assert torch.equal(a["pixel_values"], b["pixel_values"]) and not torch.equal(a["pixel_values"], x)
+
+
+def test_loader_augments_images_for_training_only(demo_root: Path) -> None:
+    plain = tiny_demo_config(demo_root, **{"data.max_items": 8})
+    on = plain.with_overrides({"data.image_augment": {"enabled": True, "shift_pixels": 3, "brightness": 0.1}})
+    model = build_model(plain, captions=["a small red circle on the left"])
+    items = load_split(demo_root, "train", 8)
+
+    def first_batch(config, train: bool) -> dict:
+        loader = make_loader(config, model, items, train=train)
+        loader.generator.manual_seed(0)
+        torch.manual_seed(0)
+        return next(iter(loader))["inputs"]
+
+    assert torch.equal(first_batch(on, True)["image"]["pixel_values"], first_batch(on, True)["image"]["pixel_values"])
+    assert not torch.equal(
+        first_batch(on, True)["image"]["pixel_values"], first_batch(plain, True)["image"]["pixel_values"]
+    )
+    audio = [first_batch(c, True)["audio"]["input_values"] for c in (on, plain)]
+    assert torch.equal(*audio)  # images only
+    evaluation = [first_batch(c, False)["image"]["pixel_values"] for c in (on, plain)]
+    assert torch.equal(*evaluation)  # evaluation never augments
 
 
 def test_digits_speakers_and_fold_plan(tmp_path: Path) -> None:

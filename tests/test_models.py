@@ -201,3 +201,25 @@ def test_mean_token_is_the_masked_mean_whatever_the_padding(tiny, tmp_path):
     assert loaded.encoders[Modality.TEXT.value].tokens == "mean"
     with torch.no_grad():
         torch.testing.assert_close(loaded.embed_features({Modality.TEXT: padded}), before, atol=1e-6, rtol=0)
+
+
+def test_sincos_positions_for_random_init_patch_grids():
+    from cman.config import EncoderConfig
+    from cman.models.encoders import load_backbone, sincos_table
+
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    vit = {"model_type": "vit", "image_size": 32, "patch_size": 8, **small}
+    ast = {"model_type": "audio-spectrogram-transformer", "num_mel_bins": 32, "max_length": 64, "patch_size": 16,
+           "frequency_stride": 16, "time_stride": 8, **small}  # fmt: skip
+    for init, special, grid in ((vit, 1, (4, 4)), (ast, 2, (2, 7))):
+        plain = load_backbone(EncoderConfig(init=init, freeze_base=False)).embeddings.position_embeddings
+        sincos = load_backbone(EncoderConfig(init=init, freeze_base=False, position_init="sincos"))
+        table = sincos.embeddings.position_embeddings
+        assert table.shape == plain.shape == (1, special + grid[0] * grid[1], 32) and table.requires_grad
+        assert torch.equal(table[0, special:], sincos_table(*grid, 32))
+        assert float(plain.detach().std()) < 0.05 < 0.3 < float(table[0, special:].detach().std())  # HF: std 0.02
+        patches = table[0, special:].detach()
+        distances = torch.cdist(patches, patches) + torch.eye(len(patches)) * 1e9
+        assert float(distances.min()) > 0.1  # every patch position has its own code
+    with pytest.raises(ValueError, match="position_init: sincos needs a ViT or AST"):
+        load_backbone(EncoderConfig(init={"model_type": "roberta", **small}, freeze_base=False, position_init="sincos"))

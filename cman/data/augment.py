@@ -1,4 +1,4 @@
-"""Training-time audio augmentation on the processed features (after the feature cache, so the cache stays valid).
+"""Training-time audio and image augmentation on the processed features (after the feature cache: it stays valid).
 
 Spectrogram features (AST fbank, (frames, mel_bins)) get, in this order, each only when its setting is non-zero:
 
@@ -12,6 +12,13 @@ Spectrogram features (AST fbank, (frames, mel_bins)) get, in this order, each on
   `freq_mask_width` mel bins are set to the padding value (Park et al., 2019).
 
 Waveform features ((samples,), HuBERT / wav2vec2) get tempo, gain (a factor 10^(±gain/20)), noise and shift.
+
+Image features ((3, H, W) normalised pixels) get, each only when its setting is non-zero:
+
+- shift_pixels: a translation by up to this many pixels along each axis (the border pixels are repeated into the
+  uncovered edge; keep it below the distance that changes what a caption says about where things are);
+- brightness: the pixels (normalised, so around the mean) are scaled by a factor in [1 - brightness, 1 + brightness];
+- noise: Gaussian noise of this standard deviation.
 
 Random numbers come from torch's global generator, which training seeds per epoch (`train_one_epoch`), so runs with
 augmentation are seeded; with augmentation off nothing draws from it and training stays bit-reproducible. Only the
@@ -100,6 +107,28 @@ class AudioAugment:
         return x.to(values.dtype)
 
 
+class ImageAugment:
+    """Callable on one item's image features; returns new tensors (cached features are never modified)."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    def __call__(self, features: Features) -> Features:
+        c = self.cfg
+        x = features["pixel_values"]  # (3, H, W)
+        if c.shift_pixels > 0:
+            s = c.shift_pixels
+            dx, dy = (int(v) for v in torch.randint(-s, s + 1, (2,)))
+            height, width = x.shape[-2:]
+            padded = F.pad(x[None], (s, s, s, s), mode="replicate")[0]
+            x = padded[:, s - dy : s - dy + height, s - dx : s - dx + width]
+        if c.brightness > 0:
+            x = x * _uniform(1 - c.brightness, 1 + c.brightness)
+        if c.noise > 0:
+            x = x + c.noise * torch.randn_like(x)
+        return {**features, "pixel_values": x.contiguous()}
+
+
 def _warp_bins(x: torch.Tensor, factor: float) -> torch.Tensor:
     """Read bin f from position f / factor (linear interpolation, clamped): factor > 1 moves energy up."""
     bins = x.shape[1]
@@ -140,11 +169,13 @@ class ItemAugment:
 
 
 def build_augment(config: Any, modalities: list[Modality]) -> ItemAugment | None:
-    """The training augmentation of `config.data.audio_augment`, or None when it is off or there is no audio."""
-    cfg = config.data.audio_augment
-    if not cfg.enabled or Modality.AUDIO not in modalities:
-        return None
-    return ItemAugment({Modality.AUDIO: AudioAugment(cfg)})
+    """The training augmentation of `config.data.audio_augment` / `image_augment`, or None when none applies."""
+    augmenters: dict[Modality, Any] = {}
+    if config.data.audio_augment.enabled and Modality.AUDIO in modalities:
+        augmenters[Modality.AUDIO] = AudioAugment(config.data.audio_augment)
+    if config.data.image_augment.enabled and Modality.IMAGE in modalities:
+        augmenters[Modality.IMAGE] = ImageAugment(config.data.image_augment)
+    return ItemAugment(augmenters) if augmenters else None
 
 
-__all__ = ["AudioAugment", "ItemAugment", "build_augment", "real_length"]
+__all__ = ["AudioAugment", "ImageAugment", "ItemAugment", "build_augment", "real_length"]

@@ -91,7 +91,10 @@ def load_backbone(cfg: EncoderConfig, vocab_size: int | None = None, source: str
     if vocab_size is not None and model_type in ("roberta", "bert", "xlm-roberta"):
         init["vocab_size"] = vocab_size
     config = AutoConfig.for_model(model_type, **init)
-    return _init_zero_embeddings(AutoModel.from_config(config, **kwargs))
+    model = _init_zero_embeddings(AutoModel.from_config(config, **kwargs))
+    if cfg.position_init == "sincos":
+        _init_sincos_positions(model)
+    return model
 
 
 def _init_zero_embeddings(model: nn.Module) -> nn.Module:
@@ -109,6 +112,49 @@ def _init_zero_embeddings(model: nn.Module) -> nn.Module:
             with torch.no_grad():
                 nn.init.trunc_normal_(param, std=std)
     return model
+
+
+def _patch_grid(model: nn.Module) -> tuple[int, int]:
+    """(rows, columns) of a random-init ViT's or AST's patch grid."""
+    config = model.config
+    if config.model_type == "vit":
+        side = config.image_size // config.patch_size
+        return side, side
+    if config.model_type == "audio-spectrogram-transformer":
+        return model.embeddings.get_shape(config)  # (frequency patches, time patches)
+    raise ValueError(
+        f"position_init: sincos needs a ViT or AST backbone (a 2-D patch grid), not model_type={config.model_type!r}"
+    )
+
+
+def sincos_table(rows: int, cols: int, dim: int) -> torch.Tensor:
+    """(rows * cols, dim) 2-D sine-cosine position table: half the channels encode the row, half the column."""
+    if dim % 4:
+        raise ValueError(f"position_init: sincos needs hidden_size divisible by 4, got {dim}")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, dim/2)
+        angles = pos[:, None] * freqs[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    r, c = torch.meshgrid(
+        torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64), indexing="ij"
+    )
+    return torch.cat([encode(r.flatten()), encode(c.flatten())], dim=1).float()
+
+
+def _init_sincos_positions(model: nn.Module) -> None:
+    """Set the patch positions of a random-init ViT / AST to a 2-D sine-cosine table (the special tokens keep theirs).
+
+    HF initialises them with std initializer_range (0.02), ~20x weaker than a patch's content embedding: measured on
+    the demo config, a model learning from scratch then often fails to learn where a shape is (left / middle /
+    right wrong for ~half of the test images in two seeds of five).
+    """
+    param = model.embeddings.position_embeddings  # (1, special + rows * cols, hidden)
+    rows, cols = _patch_grid(model)
+    special = param.shape[1] - rows * cols
+    with torch.no_grad():
+        param[0, special:] = sincos_table(rows, cols, param.shape[2]).to(param.dtype)
 
 
 class ModalityEncoder(nn.Module):
