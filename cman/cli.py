@@ -191,7 +191,7 @@ def _serving_commands(sub: Any) -> None:
 
     p = sub.add_parser("quickstart", help="the main job, offline: demo-data -> tune -> index -> serve")
     _storage_args(p, "outputs/quickstart", "everything goes here (default outputs/quickstart)")
-    _flag(p, "--num-samples", type=int, default=None, help="sweep trials (default 3)")
+    _flag(p, "--num-samples", type=int, default=None, help="sweep trials (default 2)")
     _flag(p, "--no-serve", action="store_true", help="stop after the index (no HTTP service)")
     p.add_argument(
         "--set",

@@ -23,9 +23,10 @@ from jobs.storage import RunLocation, locate
 logger = logging.getLogger(__name__)
 
 DEMO_CONFIG = bundled_config("demo.yaml")  # the repo's configs/demo.yaml, or the installed package data
-# The baseline (the config's own values) and two Optuna trials that ASHA may stop after `tune.grace_period` epochs:
-# each further trial costs ~30 s of Ray Train start-up plus its epochs (README, "What the quickstart gives").
-QUICKSTART_TRIALS = 3
+# The baseline (the config's own values) and one Optuna trial that ASHA may stop after `tune.grace_period` epochs:
+# each further trial costs ~35 s of Ray Train start-up plus its epochs, ~75 s in all on 2 cores (README, "What the
+# quickstart gives"); `--num-samples` asks for more.
+QUICKSTART_TRIALS = 2
 
 
 def ensure_dataset(data_dir: Path, counts: dict[str, int] | None = None) -> None:
