@@ -67,6 +67,11 @@ class EncoderConfig(_Section):
             raise ValueError("set exactly one of `pretrained` (hub id or local dir) or `init` (HF config dict)")
         if self.init is not None and "model_type" not in self.init:
             raise ValueError("`init` needs a `model_type` key, e.g. roberta, vit, audio-spectrogram-transformer")
+        if self.position_init != "normal" and self.pretrained is not None:
+            raise ValueError(
+                f"position_init: {self.position_init} is for random-init encoders (`init`); a pretrained encoder "
+                "keeps its trained position embeddings: remove position_init"
+            )
         return self
 
 

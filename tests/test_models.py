@@ -221,5 +221,7 @@ def test_sincos_positions_for_random_init_patch_grids():
         patches = table[0, special:].detach()
         distances = torch.cdist(patches, patches) + torch.eye(len(patches)) * 1e9
         assert float(distances.min()) > 0.1  # every patch position has its own code
+    with pytest.raises(ValueError, match="position_init: sincos is for random-init encoders"):
+        EncoderConfig(pretrained="google/vit-base-patch16-224", position_init="sincos")
     with pytest.raises(ValueError, match="position_init: sincos needs a ViT or AST"):
         load_backbone(EncoderConfig(init={"model_type": "roberta", **small}, freeze_base=False, position_init="sincos"))
