@@ -152,7 +152,7 @@ def test_image_augmentation_shifts_within_its_range_and_is_seeded() -> None:
 
 
 def test_loader_augments_images_for_training_only(demo_root: Path) -> None:
-    plain = tiny_demo_config(demo_root, **{"data.max_items": 8})
+    plain = tiny_demo_config(demo_root, **{"data.max_items": 8, "data.image_augment.enabled": False})
     on = plain.with_overrides({"data.image_augment": {"enabled": True, "shift_pixels": 3, "brightness": 0.1}})
     model = build_model(plain, captions=["a small red circle on the left"])
     items = load_split(demo_root, "train", 8)
