@@ -26,6 +26,9 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+SINCOS_MODEL_TYPES = ("vit", "audio-spectrogram-transformer")  # backbones with a 2-D patch grid (position_init)
+
+
 class EncoderConfig(_Section):
     """One modality's HF backbone: a hub id / local dir (`pretrained`) or a random-init HF config (`init`)."""
 
@@ -71,6 +74,11 @@ class EncoderConfig(_Section):
             raise ValueError(
                 f"position_init: {self.position_init} is for random-init encoders (`init`); a pretrained encoder "
                 "keeps its trained position embeddings: remove position_init"
+            )
+        if self.position_init == "sincos" and self.init["model_type"] not in SINCOS_MODEL_TYPES:
+            raise ValueError(
+                f"position_init: sincos needs a ViT or AST backbone (a 2-D patch grid), not "
+                f"model_type={self.init['model_type']!r}"
             )
         return self
 

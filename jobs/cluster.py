@@ -33,6 +33,11 @@ JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in a `ray job submi
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
+def cluster_address(address: str | None = None) -> str | None:
+    """The Ray cluster `connect(address)` joins: `address`, else `RAY_ADDRESS`; None = it starts a local Ray."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def connect(
     address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True, verbose: bool | None = None
 ) -> bool:
@@ -45,7 +50,7 @@ def connect(
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = cluster_address(address)
     verbose = is_verbose() if verbose is None else verbose
     env_vars = {k: os.environ[k] for k in WORKER_ENV_VARS if k in os.environ and k not in job_env_vars()}
     if not verbose:

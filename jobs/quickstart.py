@@ -109,7 +109,7 @@ def _run(
     }
     config = load_config(DEMO_CONFIG, {**settings, **(overrides or {})})
     cpus = os.cpu_count() or 1
-    if config.tune.cpus_per_trial > cpus and not os.environ.get("RAY_ADDRESS"):  # a trial that could never start
+    if config.tune.cpus_per_trial > cpus and cluster.cluster_address() is None:  # a trial that could never start
         config = config.with_overrides({"tune.cpus_per_trial": cpus})
     best, test = train_best(config, where)
     trained = time.perf_counter() - start

@@ -422,7 +422,7 @@ def run_sweep(
     _check_output_dir(where, resume)
     started = cluster.connect(address)  # False when the caller (a test, a job) already runs Ray
     try:
-        if started:  # a Ray of this machine only: on a cluster, an autoscaler may still add the resources
+        if started and cluster.cluster_address(address) is None:  # a local Ray: on a cluster, an autoscaler may add
             check_trial_fits(config, ray.cluster_resources())
         mlflow_state = _mlflow_setup(config, local, resume)
         study_name = f"{mlflow_state['experiment']}-{mlflow_state['parent_run_id'][:8]}"

@@ -115,16 +115,12 @@ def _init_zero_embeddings(model: nn.Module) -> nn.Module:
 
 
 def _patch_grid(model: nn.Module) -> tuple[int, int]:
-    """(rows, columns) of a random-init ViT's or AST's patch grid."""
+    """(rows, columns) of a random-init ViT's or AST's patch grid (the config allows no other model type)."""
     config = model.config
     if config.model_type == "vit":
         side = config.image_size // config.patch_size
         return side, side
-    if config.model_type == "audio-spectrogram-transformer":
-        return model.embeddings.get_shape(config)  # (frequency patches, time patches)
-    raise ValueError(
-        f"position_init: sincos needs a ViT or AST backbone (a 2-D patch grid), not model_type={config.model_type!r}"
-    )
+    return model.embeddings.get_shape(config)  # AST: (frequency patches, time patches)
 
 
 def sincos_table(rows: int, cols: int, dim: int) -> torch.Tensor:
