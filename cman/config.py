@@ -26,7 +26,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-SINCOS_MODEL_TYPES = ("vit", "audio-spectrogram-transformer")  # backbones with a 2-D patch grid (position_init)
+# Input cut into a 2-D patch grid (position_init: sincos, conv_stem).
+PATCH_GRID_MODEL_TYPES = ("vit", "audio-spectrogram-transformer")
 
 
 class EncoderConfig(_Section):
@@ -58,6 +59,12 @@ class EncoderConfig(_Section):
         "2-D sine-cosine table over the patch grid (trainable; MAE-style), strong enough next to the patch content "
         "for a model learning from scratch to tell where a patch is",
     )
+    conv_stem: list[int] | None = Field(
+        default=None,
+        description="random-init ViT / AST: channel widths of 3x3 stride-2 convolutions (BatchNorm, ReLU) that replace "
+        "the patch projection, then one convolution onto the same patch grid (a convolutional front-end: locality "
+        "and small-shift invariance a transformer from scratch must otherwise learn from the data)",
+    )
     tokens: Literal["sequence", "mean"] = Field(
         default="sequence",
         description="what reaches the fusion transformer: `sequence` = every token of the backbone's last layer; "
@@ -75,11 +82,19 @@ class EncoderConfig(_Section):
                 f"position_init: {self.position_init} is for random-init encoders (`init`); a pretrained encoder "
                 "keeps its trained position embeddings: remove position_init"
             )
-        if self.position_init == "sincos" and self.init["model_type"] not in SINCOS_MODEL_TYPES:
+        if self.position_init == "sincos" and self.init["model_type"] not in PATCH_GRID_MODEL_TYPES:
             raise ValueError(
                 f"position_init: sincos needs a ViT or AST backbone (a 2-D patch grid), not "
                 f"model_type={self.init['model_type']!r}"
             )
+        if self.conv_stem is not None:
+            if self.init is None or self.init["model_type"] not in PATCH_GRID_MODEL_TYPES:
+                raise ValueError(
+                    "conv_stem replaces the patch projection of a random-init ViT or AST (`init` with model_type vit "
+                    "or audio-spectrogram-transformer); a pretrained encoder keeps its trained one: remove conv_stem"
+                )
+            if not self.conv_stem or min(self.conv_stem) < 1:
+                raise ValueError(f"conv_stem needs one or more positive channel widths, got {self.conv_stem}")
         return self
 
 

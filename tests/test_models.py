@@ -225,3 +225,69 @@ def test_sincos_positions_for_random_init_patch_grids():
         EncoderConfig(pretrained="google/vit-base-patch16-224", position_init="sincos")
     with pytest.raises(ValueError, match="position_init: sincos needs a ViT or AST"):
         load_backbone(EncoderConfig(init={"model_type": "roberta", **small}, freeze_base=False, position_init="sincos"))
+
+
+def test_conv_stem_keeps_the_patch_grid_trains_and_round_trips(tmp_path):
+    """A conv front-end replaces the ViT / AST patch projection: same tokens out, its weights learn (random-init base
+    trains), BatchNorm statistics included, and a checkpoint reloads it to identical embeddings."""
+    from tiny import tiny_config
+
+    from cman.config import EncoderConfig
+    from cman.models.encoders import load_backbone
+    from cman.models.stem import ConvStem, patch_grid
+
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    vit = {"model_type": "vit", "image_size": 32, "patch_size": 8, **small}
+    ast = {"model_type": "audio-spectrogram-transformer", "num_mel_bins": 32, "max_length": 70, "patch_size": 16,
+           "frequency_stride": 16, "time_stride": 8, **small}  # fmt: skip
+    for init, inputs in (
+        (vit, {"pixel_values": torch.randn(3, 3, 32, 32)}),
+        (ast, {"input_values": torch.randn(3, 70, 32)}),
+    ):
+        plain = load_backbone(EncoderConfig(init=init, freeze_base=False)).eval()
+        stem = load_backbone(EncoderConfig(init=init, freeze_base=False, conv_stem=[8, 16])).eval()
+        assert isinstance(stem.embeddings.patch_embeddings.projection, ConvStem)
+        assert patch_grid(stem) == patch_grid(plain)
+        assert stem(**inputs).last_hidden_state.shape == plain(**inputs).last_hidden_state.shape
+
+    config = tiny_config(tmp_path, **{"model.audio.conv_stem": [8, 16], "model.image.conv_stem": [8]})
+    model = build_model(config, captions=["a red circle", "a blue square"])
+    batch = {
+        Modality.AUDIO: {"input_values": torch.randn(4, config.model.audio.init["max_length"], 32)},
+        Modality.IMAGE: {"pixel_values": torch.randn(4, 3, 64, 64)},
+    }
+    stem = model.encoders["audio"].backbone.get_base_model().embeddings.patch_embeddings.projection
+    assert all(p.requires_grad for p in stem.parameters())
+    first = stem[0].weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = model(batch)
+    (out[Modality.AUDIO] * out[Modality.IMAGE]).sum().neg().backward()
+    optimizer.step()
+    assert not torch.equal(stem[0].weight, first) and int(stem[1].num_batches_tracked) == 1
+    model.eval()
+    with torch.no_grad():
+        before = model(batch)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = CMAN.from_pretrained(tmp_path / "ckpt")
+    assert isinstance(
+        loaded.encoders["audio"].backbone.get_base_model().embeddings.patch_embeddings.projection, ConvStem
+    )
+    with torch.no_grad():
+        after = loaded(batch)
+    for modality in batch:
+        torch.testing.assert_close(after[modality], before[modality], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("encoder", "message"),
+    [
+        ({"pretrained": "google/vit-base-patch16-224", "conv_stem": [16]}, "a pretrained encoder keeps its trained"),
+        ({"init": {"model_type": "roberta"}, "conv_stem": [16]}, "random-init ViT or AST"),
+        ({"init": {"model_type": "vit"}, "conv_stem": []}, "one or more positive channel widths"),
+    ],
+)
+def test_conv_stem_config_errors(encoder, message):
+    from cman.config import EncoderConfig
+
+    with pytest.raises(ValueError, match=message):
+        EncoderConfig(**encoder)

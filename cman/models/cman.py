@@ -22,6 +22,7 @@ from cman.modality import Modality
 from cman.models.encoders import ModalityEncoder, build_encoder, fingerprint, load_backbone, weights_sha256
 from cman.models.fusion import FusionTransformer
 from cman.models.lora import peft_wrapping
+from cman.models.stem import has_conv_stem
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +250,9 @@ def _save_base(backbone: nn.Module, directory: Path) -> None:
     """Save the plain base weights (LoRA layers stripped) as a standard HF model directory."""
     base = _base_model(backbone)
     state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
-    base.save_pretrained(directory, state_dict=state)
+    # transformers writes some architectures' weights under their pre-v5 names, which only its from_pretrained maps
+    # back; a base with a conv stem is loaded with load_state_dict (encoders.load_backbone), so it keeps today's names
+    base.save_pretrained(directory, state_dict=state, save_original_format=not has_conv_stem(base))
 
 
 class MissingBaseError(FileNotFoundError):

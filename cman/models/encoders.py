@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from cman.config import EncoderConfig, LoraSettings
 from cman.modality import Modality
 from cman.models.lora import add_lora, lora_targets
+from cman.models.stem import add_conv_stem, patch_grid
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,11 @@ def load_backbone(cfg: EncoderConfig, vocab_size: int | None = None, source: str
     """Load `source` (a saved base) or `cfg.pretrained` with from_pretrained, or build `cfg.init` randomly."""
     kwargs = {"attn_implementation": "sdpa"}
     source = source or cfg.pretrained
+    if source is not None and cfg.conv_stem:  # a saved random-init base whose patch projection is a conv stem
+        model = AutoModel.from_config(AutoConfig.from_pretrained(source), **kwargs)
+        add_conv_stem(model, cfg.conv_stem)
+        model.load_state_dict(load_file(str(Path(source, "model.safetensors"))))
+        return model
     if source is not None:
         try:
             return AutoModel.from_pretrained(source, **kwargs)
@@ -94,6 +101,8 @@ def load_backbone(cfg: EncoderConfig, vocab_size: int | None = None, source: str
     model = _init_zero_embeddings(AutoModel.from_config(config, **kwargs))
     if cfg.position_init == "sincos":
         _init_sincos_positions(model)
+    if cfg.conv_stem:
+        add_conv_stem(model, cfg.conv_stem)
     return model
 
 
@@ -112,15 +121,6 @@ def _init_zero_embeddings(model: nn.Module) -> nn.Module:
             with torch.no_grad():
                 nn.init.trunc_normal_(param, std=std)
     return model
-
-
-def _patch_grid(model: nn.Module) -> tuple[int, int]:
-    """(rows, columns) of a random-init ViT's or AST's patch grid (the config allows no other model type)."""
-    config = model.config
-    if config.model_type == "vit":
-        side = config.image_size // config.patch_size
-        return side, side
-    return model.embeddings.get_shape(config)  # AST: (frequency patches, time patches)
 
 
 def sincos_table(rows: int, cols: int, dim: int) -> torch.Tensor:
@@ -147,7 +147,7 @@ def _init_sincos_positions(model: nn.Module) -> None:
     right wrong for ~half of the test images in two seeds of five).
     """
     param = model.embeddings.position_embeddings  # (1, special + rows * cols, hidden)
-    rows, cols = _patch_grid(model)
+    rows, cols = patch_grid(model)
     special = param.shape[1] - rows * cols
     with torch.no_grad():
         param[0, special:] = sincos_table(rows, cols, param.shape[2]).to(param.dtype)
