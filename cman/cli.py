@@ -235,11 +235,13 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    config = _load(args)
+    splits = args.split or [config.data.train_split, config.data.val_split, config.data.test_split]
+    _require_metadata(config.data.root or ".", splits)  # a wrong root is one line before torch is imported
+
     from cman.data.dataset import load_split, problems_in_split
     from cman.data.processors import build_processor
 
-    config = _load(args)
-    splits = args.split or [config.data.train_split, config.data.val_split, config.data.test_split]
     items = {s: load_split(config.data.root or ".", s) for s in splits}
     captions = [i.caption for i in items[splits[0]] if i.caption]
     processors = {m: build_processor(m, config.model.encoder(m), captions) for m in config.model.modalities}
@@ -251,6 +253,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for problem in problems:
         print(problem)
     return 1 if problems else 0
+
+
+def _require_metadata(root: str | Path, splits: list[str]) -> None:
+    """The error `cman.data.dataset.load_split` gives for a missing metadata file, without importing it (torch)."""
+    from cman.data.errors import DataError
+
+    for split in splits:
+        path = Path(root) / "metadata" / f"{split}_metadata.json"
+        if not path.is_file():
+            raise DataError(
+                f"metadata file {path} not found (expected the seed layout <root>/metadata/<split>_metadata.json)",
+                path=str(path),
+            )
 
 
 def cmd_import_digits(args: argparse.Namespace) -> int:
@@ -318,11 +333,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from cman.api import resolve_checkpoint
+
+    config = _load(args)
+    checkpoint = resolve_checkpoint(args.checkpoint)  # a wrong path is one line before torch is imported
+
     from cman.metrics import format_table
     from cman.training import evaluate_checkpoint, write_eval
 
-    config = _load(args)
-    result = evaluate_checkpoint(args.checkpoint, args.split, root=config.data.root, progress=True)
+    result = evaluate_checkpoint(checkpoint, args.split, root=config.data.root, progress=True)
     out = args.output_dir or config.output_dir
     if "://" in str(out):  # a storage URI: eval_<split>.json goes to its local folder (jobs.storage)
         from jobs.storage import default_local_dir

@@ -58,7 +58,6 @@ def checkpoint_modalities(checkpoint: Path) -> list[str]:
 def build_app(args: ServeArgs) -> Application:
     """Compose the deployments for `args` (Serve validates the dict of `serve run`/config.yaml into ServeArgs)."""
     from serve_app.encoders import DEPLOYMENT_NAMES, EncoderDeployment
-    from serve_app.retriever import RetrieverDeployment
     from serve_app.security import resolve_api_key
 
     if not isinstance(args, ServeArgs):
@@ -68,12 +67,6 @@ def build_app(args: ServeArgs) -> Application:
     cfg = resolve_serve_config(args.model_copy(update={"checkpoint": str(checkpoint)}))
     key = resolve_api_key(cfg.api_key)
     cfg = cfg.model_copy(update={"api_key": None})  # replicas get limits, never the key
-    actor = {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica}
-    common = {
-        "ray_actor_options": actor,
-        "max_queued_requests": cfg.max_queued_requests,
-        "health_check_period_s": cfg.health_check_period_s,
-    }
     # Batching only helps if a replica may hold a full batch (plus the next one filling up) at once.
     ongoing = max(2 * cfg.max_batch_size, 8)
     scaling: dict[str, Any] = {"num_replicas": cfg.encoder_replicas}
@@ -82,12 +75,29 @@ def build_app(args: ServeArgs) -> Application:
     encoders = {}
     for name in checkpoint_modalities(checkpoint):
         deployment = EncoderDeployment.options(
-            name=DEPLOYMENT_NAMES[Modality(name)], max_ongoing_requests=ongoing, **common, **scaling
+            name=DEPLOYMENT_NAMES[Modality(name)], max_ongoing_requests=ongoing, **_common_options(cfg), **scaling
         )
         encoders[name] = deployment.bind(str(checkpoint), name, cfg)
-    retriever = RetrieverDeployment.options(
-        max_ongoing_requests=256, num_replicas=cfg.retriever_replicas, **common
-    ).bind(
+    retriever = build_retriever(cfg, checkpoint, index_dir, encoders)
+    return build_ingress(cfg, key, args.host, retriever, encoders)
+
+
+def _common_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Deployment options every encoder and Retriever replica shares: its CPU/GPU share, queue and health check."""
+    return {
+        "ray_actor_options": {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica},
+        "max_queued_requests": cfg.max_queued_requests,
+        "health_check_period_s": cfg.health_check_period_s,
+    }
+
+
+def build_retriever(cfg: ServeConfig, checkpoint: Path, index_dir: Path, encoders: dict[str, Any]) -> Any:
+    """The bound Retriever over `index_dir` (`cfg.retriever_replicas` replicas); `encoders` are bound deployments,
+    or handles of a running application's encoders."""
+    from serve_app.retriever import RetrieverDeployment
+
+    options = {"max_ongoing_requests": 256, "num_replicas": cfg.retriever_replicas, **_common_options(cfg)}
+    return RetrieverDeployment.options(**options).bind(
         encoders,
         str(checkpoint),
         str(index_dir),
@@ -96,7 +106,6 @@ def build_app(args: ServeArgs) -> Application:
         cfg.num_gpus_per_replica,
         serve_config=cfg.model_dump(),
     )
-    return build_ingress(cfg, key, args.host, retriever, encoders)
 
 
 def build_ingress(

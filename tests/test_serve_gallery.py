@@ -1,6 +1,8 @@
 """Online adds under Serve: two Retriever replicas share one gallery (write-ahead log), survive SIGKILL, stay in sync.
 
-Its own application (Retriever num_replicas 2, small CPU shares), torn down before the shared `served_app` starts.
+Its own application at `/cman_gallery`: a Retriever with 2 replicas (small CPU shares) over its own index, and an
+ingress, both over the shared `served_app`'s encoder deployments (the encoders hold no gallery state; starting a
+second set cost ~25 s on 2 cores). The items it adds go to its own index, never to the shared app's.
 """
 
 from __future__ import annotations
@@ -8,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import serve_run_within
+from conftest import SERVE_APP, serve_run_within
 
 from cman import gallery_log
 from cman.index import open_gallery
@@ -26,32 +27,27 @@ SYNC_S = 0.2
 
 
 @pytest.fixture(scope="module")
-def gallery_app(ray_session, trained_checkpoint: Path, demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
+def gallery_app(served_app: dict, trained_checkpoint: Path, demo_root: Path, tmp_path_factory):
     from ray import serve
 
     from jobs.build_index import build_index
-    from serve_app.app import ServeArgs, build_app
+    from serve_app.app import ServeArgs, build_ingress, build_retriever, resolve_serve_config
+    from serve_app.encoders import DEPLOYMENT_NAMES
 
     index_dir = tmp_path_factory.mktemp("gallery_index")
     build_index(trained_checkpoint, "test", index_dir, root=demo_root)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = {
         "retriever_replicas": 2,
         "num_cpus_per_replica": 0.1,
         "gallery_sync_s": SYNC_S,
         "gallery_compact_every": 20,  # compactions run during the burst below
-        "max_batch_size": 8,
-        "batch_wait_timeout_s": 0.02,
     }
-    serve_run_within(
-        build_app(ServeArgs(checkpoint=str(trained_checkpoint), index_dir=str(index_dir), serve=settings)), APP, "/"
-    )
-    yield {"url": f"http://127.0.0.1:{port}", "index_dir": index_dir, "root": demo_root}
+    cfg = resolve_serve_config(ServeArgs(checkpoint=str(trained_checkpoint), index_dir=str(index_dir), serve=settings))
+    encoders = {m.value: serve.get_deployment_handle(DEPLOYMENT_NAMES[m], SERVE_APP) for m in Modality}
+    retriever = build_retriever(cfg, trained_checkpoint.resolve(), index_dir.resolve(), encoders)
+    serve_run_within(build_ingress(cfg, None, "127.0.0.1", retriever, encoders), APP, f"/{APP}")
+    yield {"url": f"{served_app['url']}/{APP}", "index_dir": index_dir, "root": demo_root}
     serve.delete(APP)
-    serve.shutdown()  # the shared served_app fixture starts Serve again on its own port
 
 
 def _retriever():

@@ -5,21 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from mlflow import MlflowClient
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-
-from cman.metrics import DIRECTIONS, VAL_METRIC  # noqa: E402
-from jobs.tracking.store import metric_name  # noqa: E402
+from cman.metrics import DIRECTIONS, VAL_METRIC
+from jobs.tracking.store import metric_name
 
 RECALL_KS = ("R@1", "R@5", "R@10")
 
 
 def write_plots(client: MlflowClient, run_id: str, out_dir: Path) -> list[Path]:
     """loss.png (train loss and val rsum per epoch) and recall.png (val R@K per direction), from the run's metrics."""
+    import matplotlib  # here, not at import: a Ray Train worker imports jobs.tracking and never plots
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     series = {key: _history(client, run_id, key) for key in ("train_loss", VAL_METRIC)}
     fig, loss_ax = plt.subplots(figsize=(6, 4))
     loss_ax.plot(*series["train_loss"], marker="o", color="tab:blue", label="train loss")
@@ -54,6 +55,8 @@ def _history(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], li
 
 
 def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
