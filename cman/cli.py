@@ -235,9 +235,12 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from cman.data.layout import existing_metadata
+
     config = _load(args)
     splits = args.split or [config.data.train_split, config.data.val_split, config.data.test_split]
-    _require_metadata(config.data.root or ".", splits)  # a wrong root is one line before torch is imported
+    for split in splits:  # a wrong root is one line before torch is imported
+        existing_metadata(config.data.root or ".", split)
 
     from cman.data.dataset import load_split, problems_in_split
     from cman.data.processors import build_processor
@@ -253,19 +256,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for problem in problems:
         print(problem)
     return 1 if problems else 0
-
-
-def _require_metadata(root: str | Path, splits: list[str]) -> None:
-    """The error `cman.data.dataset.load_split` gives for a missing metadata file, without importing it (torch)."""
-    from cman.data.errors import DataError
-
-    for split in splits:
-        path = Path(root) / "metadata" / f"{split}_metadata.json"
-        if not path.is_file():
-            raise DataError(
-                f"metadata file {path} not found (expected the seed layout <root>/metadata/<split>_metadata.json)",
-                path=str(path),
-            )
 
 
 def cmd_import_digits(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cman.data.errors import DataError
+from cman.data.layout import existing_metadata
 from cman.data.processors import Processor
 from cman.modality import Modality
 
@@ -41,18 +42,9 @@ class Item:
         return f"{modality.value}:{self.source(modality)}"
 
 
-def metadata_path(root: str | Path, split: str) -> Path:
-    return Path(root) / "metadata" / f"{split}_metadata.json"
-
-
 def load_split(root: str | Path, split: str, max_items: int | None = None) -> list[Item]:
     """Parse `<root>/metadata/<split>_metadata.json`; structural problems are errors naming file and entry."""
-    path = metadata_path(root, split)
-    if not path.is_file():
-        raise DataError(
-            f"metadata file {path} not found (expected the seed layout <root>/metadata/<split>_metadata.json)",
-            path=str(path),
-        )
+    path = existing_metadata(root, split)
     try:
         entries = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

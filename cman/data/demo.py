@@ -21,6 +21,7 @@ import soundfile as sf
 import soxr
 from PIL import Image, ImageDraw
 
+from cman.data.layout import metadata_path
 from cman.data.tts import VOICES, synthesize
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def _read_dataset_info(out: Path) -> dict[str, Any] | None:
 def _remove_previous_items(out: Path) -> None:
     """Delete exactly the files that the previous metadata lists, then the metadata itself."""
     for split in (*SPLITS, PARAPHRASE_SPLIT):
-        meta_path = out / "metadata" / f"{split}_metadata.json"
+        meta_path = metadata_path(out, split)
         try:
             entries = json.loads(meta_path.read_text())
         except (OSError, ValueError):
@@ -160,7 +161,7 @@ def _remove_previous_items(out: Path) -> None:
 
 
 def write_split_metadata(out: Path, split: str, entries: list[dict[str, str]]) -> None:
-    path = out / "metadata" / f"{split}_metadata.json"
+    path = metadata_path(out, split)
     path.write_text(json.dumps(entries, indent=1) + "\n")
 
 
