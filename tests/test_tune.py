@@ -132,6 +132,34 @@ def test_no_placement_group_outlives_the_sweep(sweep: dict) -> None:
 
 
 @pytest.mark.ray
+def test_a_pending_worker_group_is_removed_at_the_end_of_the_sweep(ray_session, tmp_path: Path) -> None:
+    """CI failure (stop 20): the interrupted trial's workers' group was still PENDING (the previous trial's CPUs not
+    yet released) when the sweep ended, was skipped, was placed a moment later and held its CPUs until the job ended.
+    A worker-shaped group that existed before the sweep is left alone."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from tuning.resources import ReleasePlacementGroups
+
+    bundle = {"CPU": round(ray.available_resources()["CPU"], 4)}  # everything free: a second one cannot be placed
+    before = placement_group([bundle])
+    ray.get(before.ready(), timeout=30)
+    releaser = ReleasePlacementGroups(str(tmp_path), bundle, delay_s=0.2)
+    releaser.setup()
+    pending = placement_group([bundle])
+    try:
+        time.sleep(0.5)
+        assert ray.util.placement_group_table(pending)["state"] == "PENDING"
+        releaser.on_experiment_end(trials=[])
+        assert ray.util.placement_group_table(pending)["state"] == "REMOVED"
+        assert ray.util.placement_group_table(before)["state"] == "CREATED"
+    finally:
+        for group in (pending, before):
+            if ray.util.placement_group_table(group)["state"] != "REMOVED":
+                remove_placement_group(group)
+
+
+@pytest.mark.ray
 def test_storage_uri_holds_ray_files_and_local_files_stay_apart(sweep: dict) -> None:
     """Ray's experiment and every trial's Train checkpoints are in the store; MLflow, reports and `best/` are local;
     no checkpoint or `file:` folder is made locally; the Optuna study holds exactly the sweep's trials (the baseline

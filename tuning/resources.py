@@ -8,7 +8,9 @@ the sweep's driver process, removes the group recorded by the trial's loop (`D/t
 
 A trial stopped before its loop started (an interrupt while its workers are starting) has recorded nothing: at the
 end of the experiment the callback also removes every worker-shaped group this job created during the sweep that is
-still held (none of the sweep's trials runs any more by then).
+not yet removed (none of the sweep's trials runs any more by then), pending ones included: a group still waiting for
+CPUs (e.g. the previous trial's, released `delay_s` after it ended) is placed a moment later and would then hold
+them until the job ends.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class ReleasePlacementGroups(Callback):
                 self._remove(group_id, "left by a trial stopped before its workers started")
 
     def _leftovers(self) -> list[str]:
-        """Held groups of this job, created since `setup`, shaped like the sweep's Train worker groups.
+        """Groups of this job not yet removed (placed or still pending), created since `setup`, shaped like the
+        sweep's Train worker groups.
 
         A placement group id ends with the id of the job that created it (Ray's id specification)."""
         job = ray.get_runtime_context().get_job_id()
@@ -73,7 +76,7 @@ class ReleasePlacementGroups(Callback):
             for group_id, info in ray.util.placement_group_table().items()
             if group_id not in self._existing
             and group_id.endswith(job)
-            and info.get("state") == "CREATED"
+            and info.get("state") != "REMOVED"
             and info.get("bundles")
             and all(_same_resources(bundle, self.worker_bundle) for bundle in info["bundles"].values())
         ]
