@@ -5,8 +5,13 @@ imports its own dataset (`cman data import-digits`) and trains `configs/digits.y
 with P@1 and mAP@R per direction per fold, and their mean and standard deviation over the folds; also written to
 bench/results/digits_cv.json (or --out).
 
-    nice -n 10 python bench/digits_cv.py                      # all six folds, ~30+ min on 2 cores
+    nice -n 10 python bench/digits_cv.py                      # all six folds, ~50 min on 2 cores
+    python bench/digits_cv.py --seeds 0 1                     # each fold twice: the mean is over seeds, then folds
     python bench/digits_cv.py --folds theo --epochs 5         # one quick fold
+
+One training run of a fold moves by up to ~20 points audio->text P@1 with the seed alone (a whole digit of the test
+speaker, 10 points, flips), so `--seeds` is how two configs should be compared. Each run also records, per digit,
+the test speaker's audio->text P@1 and which digit its clips are taken for (`audio->text_by_group`).
 
 A benchmark, not a test: tests/test_digits_cv.py covers the fold plan and per-fold import on a few items.
 """
@@ -50,10 +55,9 @@ def fsdd_speakers(fsdd_dir: Path) -> list[str]:
 
 
 def run_fold(fold: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Import the fold's dataset, train configs/digits.yaml on it, return its test metrics."""
-    from cman.config import load_config
+    """Import the fold's dataset, train configs/digits.yaml on it once per seed, return its test metrics (the mean
+    over seeds in `metrics`, each run in `runs`)."""
     from cman.data.importers import import_digits
-    from cman.engine import fit
 
     work = Path(args.work_dir) / fold["test"]
     counts = import_digits(
@@ -63,20 +67,60 @@ def run_fold(fold: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         val_speakers=[fold["val"]],
         limit_per_speaker_digit=args.limit,
     )
-    overrides = {"data.root": str(work / "data"), "output_dir": str(work / "run"), **dict(args.set)}
-    if args.epochs:
-        overrides["training.epochs"] = args.epochs
-    config = load_config(args.config, overrides)
-    start = time.perf_counter()
-    report = fit(config, work / "run", resume=False, progress=False)
-    directions = report["test"]["directions"]
+    seeds = args.seeds or [None]
+    runs = [train_once(work, seed, args) for seed in seeds]
+    metrics = {
+        d: {m: round(statistics.fmean(r["metrics"][d][m] for r in runs), 2) for m in METRICS}
+        for d in runs[0]["metrics"]
+    }
     return {
         **fold,
         "items": counts,
+        "seconds": round(sum(r["seconds"] for r in runs), 1),
+        "metrics": metrics,
+        "runs": runs,
+    }
+
+
+def train_once(work: Path, seed: int | None, args: argparse.Namespace) -> dict[str, Any]:
+    """Train on the fold's dataset under `work` (run dir `run` or `run_seed<k>`), evaluate checkpoints/best."""
+    from cman.config import load_config
+    from cman.engine import fit
+
+    run_dir = work / ("run" if seed is None else f"run_seed{seed}")
+    overrides = {"data.root": str(work / "data"), "output_dir": str(run_dir), **dict(args.set)}
+    if args.epochs:
+        overrides["training.epochs"] = args.epochs
+    if seed is not None:
+        overrides["training.seed"] = seed
+    config = load_config(args.config, overrides)
+    start = time.perf_counter()
+    report = fit(config, run_dir, resume=False, progress=False)
+    directions = report["test"]["directions"]
+    return {
+        "seed": config.training.seed,
         "seconds": round(time.perf_counter() - start, 1),
         "best_epoch": max(report["history"], key=lambda r: r["val_rsum"])["epoch"],
         "metrics": {d: {m: round(directions[d][m], 2) for m in METRICS} for d in DIRECTIONS if d in directions},
+        "audio->text_by_group": audio_text_by_group(run_dir / "checkpoints" / "best", work / "data"),
     }
+
+
+def audio_text_by_group(checkpoint: Path, data_root: Path, split: str = "test") -> dict[str, Any]:
+    """Per digit of `split`: audio->text P@1 and the digits its clips' top-1 captions belong to (cman.metrics)."""
+    from cman.metrics import dedupe, group_confusion
+    from cman.modality import Modality
+    from cman.models.cman import CMAN
+    from cman.steps import compute_embeddings, resolve_device
+    from cman.training import load_items, make_loader
+
+    model = CMAN.from_pretrained(checkpoint)
+    config = model.config.with_overrides({"data.root": str(data_root)})
+    device = resolve_device(config.training.device)
+    loader = make_loader(config, model.to(device), load_items(config, split), train=False)
+    sets = compute_embeddings(model, loader, device)
+    table = group_confusion(dedupe(sets[Modality.AUDIO]), dedupe(sets[Modality.TEXT]))
+    return {g: {**row, "P@1": round(row["P@1"], 2)} for g, row in sorted(table.items())}
 
 
 def summarise(folds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -94,6 +138,15 @@ def summarise(folds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def summarise_by_seed(folds: list[dict[str, Any]]) -> dict[str, Any]:
+    """`summarise` of each seed's runs alone (how far the six-fold mean moves with the seed)."""
+    seeds = sorted({r["seed"] for f in folds for r in f.get("runs", [])})
+    return {
+        str(seed): summarise([{"metrics": r["metrics"]} for f in folds for r in f["runs"] if r["seed"] == seed])
+        for seed in seeds
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fsdd", default=str(REPO.parent / "shared" / "data" / "fsdd"))
@@ -101,6 +154,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--folds", nargs="*", help="test speakers to run (default: all)")
     parser.add_argument("--epochs", type=int, default=None, help="override training.epochs")
     parser.add_argument("--limit", type=int, default=None, help="takes per (speaker, digit), for quick runs")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="train each fold once per seed (default: the config's)"
+    )
     parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     parser.add_argument("--work-dir", default=str(REPO / "outputs" / "digits_cv"))
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "digits_cv.json"))
@@ -121,8 +177,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": os.path.relpath(Path(args.config).resolve(), REPO),
         "overrides": dict(args.set),
         "epochs": args.epochs,
+        "seeds": args.seeds,
         "folds": folds,
         "summary": summarise(folds),
+        "summary_by_seed": summarise_by_seed(folds),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -195,6 +195,37 @@ def direction_metrics(
     return result
 
 
+def group_confusion(query: EmbeddingSet, gallery: EmbeddingSet) -> dict[str, dict]:
+    """Per query group: which gallery groups its queries' top-1 items belong to (the class-level view of P@1).
+
+    Returns ``{group: {"n": queries, "P@1": percent, "top1": {gallery group: queries, ...}}}`` for every query
+    group, in order of first appearance; ``top1`` is sorted by count (descending), so the first key other than the
+    group itself is what its queries are most often taken for. Top-1 is the first item under the ranking of
+    :func:`direction_metrics` (score descending, ties by gallery index), so ``P@1`` here equals that direction's
+    ``P@1`` restricted to the group.
+    """
+    if not len(query) or not len(gallery):
+        return {}
+    top: list[np.ndarray] = []
+    for start in range(0, len(query), _QUERY_CHUNK):
+        scores = query.embeddings[start : start + _QUERY_CHUNK] @ gallery.embeddings.T  # (chunk, gallery)
+        top.append(scores.argmax(axis=1))  # lowest index among ties
+    first = np.concatenate(top)  # (queries,)
+    counts: dict[str, dict[str, int]] = {}
+    for group, j in zip(query.groups, first, strict=True):
+        row = counts.setdefault(group, {})
+        row[gallery.groups[j]] = row.get(gallery.groups[j], 0) + 1
+    out = {}
+    for group, row in counts.items():
+        n = sum(row.values())
+        out[group] = {
+            "n": n,
+            "P@1": 100.0 * row.get(group, 0) / n,
+            "top1": dict(sorted(row.items(), key=lambda kv: -kv[1])),
+        }
+    return out
+
+
 def _parse_direction(name: str) -> tuple[Modality, Modality]:
     src, dst = name.split("->")
     return Modality(src), Modality(dst)

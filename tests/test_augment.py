@@ -79,6 +79,28 @@ def test_each_augmentation_alone() -> None:
     assert w["input_values"].ndim == 1 and w["input_values"].shape[0] != 1600
 
 
+def test_crop_cuts_each_end_by_at_most_its_range_and_keeps_the_middle() -> None:
+    x = _spectrogram(64, 40)
+    crop = AudioAugment(AudioAugmentConfig(enabled=True, crop_frames=6))
+    torch.manual_seed(0)
+    heads, tails = set(), set()
+    for _ in range(40):
+        out = crop({"input_values": x})["input_values"]
+        length = real_length(out)
+        head = next(h for h in range(7) if torch.equal(out[0], x[h]))  # the first frame kept
+        assert torch.equal(out[:length], x[head : head + length]) and out.shape == x.shape
+        heads.add(head)
+        tails.add(40 - head - length)
+        assert bool((out[length:] == 0.47).all())  # the rest is padding
+    assert heads <= set(range(7)) and tails <= set(range(7))  # never more than 6 frames at either end
+    assert len(heads) >= 5 and len(tails) >= 5 and 0 in heads & tails and 6 in heads  # drawn over the range
+    short = _spectrogram(64, 8)
+    assert real_length(crop({"input_values": short})["input_values"]) >= 4  # at most a quarter at each end
+    wave = torch.randn(16000)
+    cut = AudioAugment(AudioAugmentConfig(enabled=True, crop_frames=5))({"input_values": wave})["input_values"]
+    assert 16000 - 2 * 800 <= cut.shape[0] <= 16000  # 5 frames of 160 samples at each end at most
+
+
 def test_utterance_normalisation() -> None:
     frames = fbank_frames(16000, 16000)
     assert frames == 98  # Kaldi: (16000 - 400) // 160 + 1
@@ -194,3 +216,26 @@ def test_digits_speakers_and_fold_plan(tmp_path: Path) -> None:
     assert all(entry["speaker"] in entry["id"] for entry in raw)
     folds = [{"metrics": {"audio->text": {"P@1": p, "mAP@R": 50.0}}} for p in (90.0, 100.0)]
     assert summarise(folds)["audio->text"]["P@1"] == {"mean": 95.0, "std": 5.0, "min": 90.0}
+
+
+def test_digits_cv_averages_seeds_within_a_fold_and_summarises_each_seed(monkeypatch, tmp_path: Path) -> None:
+    """--seeds: a fold's metrics are the mean of its runs; summary_by_seed is each seed's own six-fold view."""
+    import argparse
+
+    from bench import digits_cv
+
+    def fake_train(work: Path, seed: int | None, args: argparse.Namespace) -> dict:  # training is not the point
+        p = {("a", 0): 60.0, ("a", 1): 80.0, ("b", 0): 90.0, ("b", 1): 100.0}[(work.name, seed)]
+        return {"seed": seed, "seconds": 1.0, "best_epoch": 1, "metrics": {"audio->text": {"P@1": p, "mAP@R": p}}}
+
+    monkeypatch.setattr(digits_cv, "train_once", fake_train)
+    monkeypatch.setattr(digits_cv, "fsdd_speakers", lambda _: ["a", "b", "c"])
+    monkeypatch.setattr("cman.data.importers.import_digits", lambda *a, **k: {"train": 1, "val": 1, "test": 1})
+    out = tmp_path / "cv.json"
+    result = digits_cv.main(["--folds", "a", "b", "--seeds", "0", "1", "--work-dir", str(tmp_path), "--out", str(out)])
+    assert [f["metrics"]["audio->text"]["P@1"] for f in result["folds"]] == [70.0, 95.0]
+    assert [len(f["runs"]) for f in result["folds"]] == [2, 2] and result["folds"][0]["seconds"] == 2.0
+    assert result["summary"]["audio->text"]["P@1"] == {"mean": 82.5, "std": 12.5, "min": 70.0}
+    by_seed = result["summary_by_seed"]
+    assert by_seed["0"]["audio->text"]["P@1"]["mean"] == 75.0 and by_seed["1"]["audio->text"]["P@1"]["mean"] == 90.0
+    assert json.loads(out.read_text())["seeds"] == [0, 1]

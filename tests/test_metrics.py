@@ -15,6 +15,7 @@ from cman.metrics import (
     direction_metrics,
     evaluate_embeddings,
     format_table,
+    group_confusion,
 )
 from cman.modality import Modality
 
@@ -238,3 +239,20 @@ def test_embedding_set_validates_lengths() -> None:
             EmbeddingSet(["a"], ["g"], np.ones((1, 3))),
             EmbeddingSet(["b"], ["g"], np.ones((1, 4))),
         )
+
+
+def test_group_confusion_names_what_each_group_is_taken_for() -> None:
+    """Per query group: P@1 and the gallery groups of its top-1 items; agrees with direction_metrics' P@1."""
+    query = EmbeddingSet(
+        ["q0", "q1", "q2", "q3", "q4"], ["two", "two", "two", "four", "four"], _angles([0, 88, 92, 90, 180])
+    )
+    gallery = EmbeddingSet(["t2", "t4", "t9"], ["two", "four", "nine"], _angles([0, 90, 180]))
+    table = group_confusion(query, gallery)
+    assert list(table) == ["two", "four"]
+    assert table["two"] == {"n": 3, "P@1": pytest.approx(100 / 3), "top1": {"four": 2, "two": 1}}
+    assert table["four"] == {"n": 2, "P@1": 50.0, "top1": {"four": 1, "nine": 1}}
+    p_at_1 = direction_metrics(query, gallery)["P@1"]
+    assert p_at_1 == pytest.approx(sum(r["P@1"] * r["n"] for r in table.values()) / len(query))
+    tie = EmbeddingSet(["a", "b"], ["x", "y"], _angles([0, 0]))  # equal scores: the lower gallery index wins
+    assert group_confusion(EmbeddingSet(["q"], ["y"], _angles([0])), tie)["y"]["top1"] == {"x": 1}
+    assert group_confusion(query, EmbeddingSet([], [], np.zeros((0, 2), np.float32))) == {}
