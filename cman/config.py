@@ -167,7 +167,6 @@ class AudioAugmentConfig(_Section):
     """Training-only audio augmentation (cman.data.augment); ranges are maxima, drawn per item and epoch."""
 
     enabled: bool = False
-    crop_frames: int = Field(default=0, ge=0, description="up to this many 10 ms frames cut at each end")
     tempo: float = Field(default=0.0, ge=0.0, lt=1.0, description="time-stretch factor range 1 ± tempo")
     freq_warp: float = Field(default=0.0, ge=0.0, lt=1.0, description="mel-axis stretch 1 ± freq_warp (VTLP)")
     gain: float = Field(default=0.0, ge=0.0, description="spectrogram: ± log-mel offset; waveform: ± dB")

@@ -2,10 +2,6 @@
 
 Spectrogram features (AST fbank, (frames, mel_bins)) get, in this order, each only when its setting is non-zero:
 
-- crop_frames: up to this many frames are cut from the start and, independently, from the end of the utterance
-  (at least half of it is kept). Recordings trimmed at different points lose a word's first or last sound: on the
-  spoken digits one test speaker's "two" starts at its vowel (no /t/) and is taken for "four" by a model that has
-  only ever heard the /t/;
 - tempo: the real frames are resampled in time by a factor in [1 - tempo, 1 + tempo] (speed perturbation);
 - freq_warp: the mel axis is stretched by a factor in [1 - freq_warp, 1 + freq_warp] (vocal-tract-length
   perturbation: a different speaker's formants sit at proportionally shifted frequencies);
@@ -15,7 +11,7 @@ Spectrogram features (AST fbank, (frames, mel_bins)) get, in this order, each on
 - SpecAugment masks: `time_masks` bands of up to `time_mask_width` frames and `freq_masks` bands of up to
   `freq_mask_width` mel bins are set to the padding value (Park et al., 2019).
 
-Waveform features ((samples,), HuBERT / wav2vec2) get crop, tempo, gain (a factor 10^(±gain/20)), noise and shift.
+Waveform features ((samples,), HuBERT / wav2vec2) get tempo, gain (a factor 10^(±gain/20)), noise and shift.
 
 Image features ((3, H, W) normalised pixels) get, each only when its setting is non-zero:
 
@@ -73,7 +69,7 @@ class AudioAugment:
         frames, bins = values.shape
         length = real_length(values)
         pad = values[-1].clone() if length < frames else torch.zeros(bins, dtype=values.dtype)
-        x = _crop(values[:length], c.crop_frames)  # (length', bins)
+        x = values[:length]  # (length, bins)
         if c.tempo > 0:
             new_length = max(1, min(frames, round(length / _uniform(1 - c.tempo, 1 + c.tempo))))
             x = F.interpolate(x.T[None], size=new_length, mode="linear", align_corners=True)[0].T
@@ -98,7 +94,7 @@ class AudioAugment:
     # ---- (samples,) ----------------------------------------------------------------------------------------------
     def _waveform(self, values: torch.Tensor) -> torch.Tensor:
         c = self.cfg
-        x = _crop(values, c.crop_frames * 160)  # 10 ms frames at 16 kHz
+        x = values
         if c.tempo > 0:
             size = max(1, round(x.shape[0] / _uniform(1 - c.tempo, 1 + c.tempo)))
             x = F.interpolate(x[None, None], size=size, mode="linear", align_corners=True)[0, 0]
@@ -131,15 +127,6 @@ class ImageAugment:
         if c.noise > 0:
             x = x + c.noise * torch.randn_like(x)
         return {**features, "pixel_values": x.contiguous()}
-
-
-def _crop(x: torch.Tensor, most: int) -> torch.Tensor:
-    """Cut up to `most` steps (dim 0) from the start and, independently, the end; keep at least half of `x`."""
-    if most <= 0:
-        return x
-    most = min(most, x.shape[0] // 4)  # both ends at most a quarter each
-    head, tail = (int(v) for v in torch.randint(0, most + 1, (2,)))
-    return x[head : x.shape[0] - tail]
 
 
 def _warp_bins(x: torch.Tensor, factor: float) -> torch.Tensor:
