@@ -13,7 +13,8 @@ One training run of a fold moves by up to ~20 points audio->text P@1 with the se
 speaker, 10 points, flips), so `--seeds` is how two configs should be compared. Each run also records, per digit,
 the test speaker's audio->text P@1 and which digit its clips are taken for (`audio->text_by_group`).
 
-A benchmark, not a test: tests/test_digits_cv.py covers the fold plan and per-fold import on a few items.
+A benchmark, not a test: tests/test_augment.py covers the fold plan, the per-fold import on a few items and how
+runs of several seeds are averaged and summarised.
 """
 
 from __future__ import annotations

@@ -202,7 +202,7 @@ def group_confusion(query: EmbeddingSet, gallery: EmbeddingSet) -> dict[str, dic
     group, in order of first appearance; ``top1`` is sorted by count (descending), so the first key other than the
     group itself is what its queries are most often taken for. Top-1 is the first item under the ranking of
     :func:`direction_metrics` (score descending, ties by gallery index), so ``P@1`` here equals that direction's
-    ``P@1`` restricted to the group.
+    ``P@1`` restricted to the group (a group with no gallery item, which direction_metrics skips, scores 0 here).
     """
     if not len(query) or not len(gallery):
         return {}
