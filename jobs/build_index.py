@@ -23,6 +23,7 @@ from cman.index import GalleryIndex, auto_params
 from cman.modality import Modality
 from cman.models.cman import CMAN
 from cman.training import amp_dtype, compute_embeddings, resolve_device
+from jobs import faults
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +280,7 @@ def _embed_shards(
             done.setdefault(int(shard), {})[str(key)] = (vector, bool(ok))
         bar.update(len(batch["key"]))
         for shard in [s for s, got in done.items() if len(got) == len(shards[s])]:
+            faults.pause_point(f"index-{modality.value}-shard-{shard}")
             _write_shard(out_dir, modality, shard, shards[shard], done.pop(shard))
     bar.close()
 

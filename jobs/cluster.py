@@ -13,6 +13,8 @@ import logging
 import os
 from typing import Any
 
+from jobs import faults
+
 logger = logging.getLogger(__name__)
 _dashboard: dict[str, str] = {}  # the URL of the dashboard of the Ray this process started
 
@@ -23,6 +25,7 @@ WORKER_ENV_VARS = (
     "TRANSFORMERS_OFFLINE",
     "TOKENIZERS_PARALLELISM",
     "MLFLOW_TRACKING_URI",
+    *faults.ENV_VARS,  # pause points of fault tests, where set
 )
 VERBOSE_ENV = "CMAN_VERBOSE"  # set by `cman -v`: Ray's and the workers' own logs and progress bars come back
 QUIET_WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # transformers' "Writing model shards" bars per checkpoint

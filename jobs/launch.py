@@ -17,7 +17,7 @@ from ray.train.torch import TorchTrainer
 
 from cman.config import CMANConfig
 from cman.metrics import VAL_METRIC
-from jobs import cluster
+from jobs import cluster, faults
 
 if TYPE_CHECKING:
     from jobs.tracking import Tracking
@@ -34,6 +34,7 @@ def make_loop_config(
         "output_dir": str(Path(output_dir).resolve()),
         "mlflow": asdict(run) if run is not None else False,
         "fail_once_at_epoch": fail_once_at_epoch,
+        "pause": faults.settings(),  # pause points for fault tests (jobs.faults); {} unless set
         "verbose": cluster.is_verbose(),
     }
 

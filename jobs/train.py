@@ -39,7 +39,7 @@ from cman.config import CMANConfig, from_dict
 from cman.metrics import VAL_METRIC, EmbeddingSet
 from cman.modality import Modality
 from cman.training import TrainHooks, finish, fit, load_items, resolve_device
-from jobs import cluster, storage
+from jobs import cluster, faults, storage
 from jobs.launch import RUN_NAME, build_trainer, make_loop_config
 
 if TYPE_CHECKING:
@@ -116,6 +116,8 @@ class RayHooks(TrainHooks):
 
     def before_epoch(self, epoch: int) -> None:
         _maybe_fail(self.loop_config, self.output_dir, epoch, self.rank)
+        if self.rank == 0:
+            faults.pause_point(f"train-{self.output_dir.name}-epoch-{epoch}", self.loop_config.get("pause") or {})
 
     def val_items(self, items: list[Any]) -> list[Any]:
         return shard(items, self.rank, self.world)

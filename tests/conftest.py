@@ -80,6 +80,43 @@ SERVE_OVERRIDES = {
 }
 
 
+def _ray_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_leftovers_from_the_module(request: pytest.FixtureRequest):
+    """A module that leaves a placement group on the session's Ray fails here, by name:
+    whatever it holds would otherwise surface as unrelated Serve or Train failures modules later (a CPU held by a
+    leaked worker group leaves Serve replicas unplaceable). Leftovers get 30 s to go away (Ray removes them
+    asynchronously). The session's served app holds CPUs on purpose, through its replicas, not placement groups."""
+    before = set(held_placement_groups()) if _ray_up() else set()
+    yield
+    if not _ray_up():
+        return
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        groups = {k: v for k, v in held_placement_groups().items() if k not in before}
+        if not groups:
+            return
+        if time.monotonic() > deadline:
+            for group_id in groups:  # the next modules get a clean Ray; this one has failed already
+                _remove_group(group_id)
+            pytest.fail(
+                f"{request.module.__name__} left placement groups on the session's Ray: {groups}", pytrace=False
+            )
+        time.sleep(0.5)
+
+
+def _remove_group(group_id: str) -> None:
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+
+
 def held_placement_groups() -> dict[str, dict]:
     """Placement groups still reserving resources on the session's Ray: id -> bundles."""
     import ray

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -60,7 +61,10 @@ def test_train_throughput_smoke(tmp_path):
     assert printed == json.loads(out.read_text())
     assert KEYS <= printed.keys()
     assert printed["steps"] == 2 and printed["batch_size"] == 4 and printed["dtype"] == "fp32"
-    assert printed["flops_per_step"] > 0 and printed["samples_per_s"] > 0 and 0 < printed["mfu"] < 1.5
+    # shape and sanity only: MFU is a ratio of two timings (a 0.2 s GEMM "peak" on a loaded box can be low, so the
+    # ratio can pass 1), which a smoke run cannot bound
+    for key in ("flops_per_step", "samples_per_s", "achieved_flops_per_s", "mfu"):
+        assert math.isfinite(printed[key]) and printed[key] > 0, (key, printed[key])
     assert printed["attention"] == {"text": "sdpa", "audio": "sdpa", "image": "sdpa"}
     loader = printed["loader"]
     assert loader["items"] == 8 and loader["uncached_samples_per_s"] > 0 and loader["cached_samples_per_s"] > 0

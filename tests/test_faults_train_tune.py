@@ -1,12 +1,14 @@
 """Real process kills (SIGKILL from outside) during `cman train` and `cman tune`, both run as CLI subprocesses.
 
-- Train: a Ray Train worker process of a running `cman train` is SIGKILLed mid-epoch; `ray.max_failures` restarts
-  the worker group from the latest checkpoint and the run finishes with the configured epoch count.
-- Tune: the `cman tune` driver process is SIGKILLed mid-sweep; `cman tune --resume` finishes the sweep without
-  training a finished trial again, and no MLflow run of the killed attempt stays RUNNING.
+- Train: a Ray Train worker process of a running `cman train` is SIGKILLed while it waits at a pause point after
+  checkpoint 1 (jobs.faults); `ray.max_failures` restarts the worker group from that checkpoint and the run finishes
+  with the configured epoch count.
+- Tune: the `cman tune` driver process, a driver of a `ray start --head` cluster, is SIGKILLed mid-sweep; `cman tune
+  --resume` finishes the sweep without training a finished trial again, no MLflow run of the killed attempt stays
+  RUNNING, and the cluster holds no placement group and no CPU after either.
 
-Each subprocess starts its own local Ray in a private RAY_TMPDIR (so it never joins another cluster on the machine);
-its processes are found in the subprocess's own process tree and every one of them is killed at the end.
+`cman train` starts its own local Ray in a private RAY_TMPDIR (so it never joins another cluster on the machine); its
+processes are found in the subprocess's own process tree and every one of them is killed at the end.
 """
 
 from __future__ import annotations
@@ -23,23 +25,27 @@ from pathlib import Path
 
 import psutil
 import pytest
+import ray_cluster
 from tiny import ONE_LAYER, REPO
 
+# CMAN_FAULT_TEST_ITEMS=8 cuts each run's work ~3x (24 items: 3 steps an epoch): how a box faster than this one
+# looks to these tests. Where each kill lands is set by pause points (jobs.faults), never by how much work fits
+# into a sleep.
+ITEMS = int(os.environ.get("CMAN_FAULT_TEST_ITEMS", "24"))
 TINY = {
     **ONE_LAYER,
     "training.batch_size": 8,
     "training.eval_batch_size": 32,
-    "data.max_items": 24,
+    "data.max_items": ITEMS,
 }
-TRAIN_EPOCHS = 4
-# Ray Train's controller collects a worker's reports when it polls the workers (every 2 s by default): a checkpoint
-# reported less than one poll before the worker dies is on disk but not yet Ray's latest. The Train test polls faster
-# and kills the worker only after REGISTERED_AFTER_S.
+TRAIN_EPOCHS = 3
+PAUSE_BEFORE_EPOCH = 2  # the Train worker waits before epoch 2, i.e. after checkpoint 1, until the test kills it
+# Ray Train's controller collects a worker's reports when it polls the workers (every 2 s by default, 0.5 s here):
+# a checkpoint reported but not yet collected is on disk but not Ray's latest. The Train test waits until Ray has
+# registered checkpoint 1 (its checkpoint manager's snapshot says so) before it kills the paused worker.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-REGISTERED_AFTER_S = 2.0
 TUNE_EPOCHS = 1
 TUNE_TRIALS = 2
-KILL_AFTER_S = 3.0
 
 pytestmark = pytest.mark.ray
 
@@ -155,6 +161,33 @@ def checkpoint_epochs(directory: Path) -> list[int]:
     return sorted(epochs)
 
 
+def pause_env(pause_dir: Path, pattern: str) -> dict[str, str]:
+    """Environment that stops the run's Train workers at pause points matching `pattern` (jobs.faults)."""
+    from jobs import faults
+
+    return {faults.DIR_ENV: str(pause_dir), faults.AT_ENV: pattern}
+
+
+def paused(pause_dir: Path) -> list[str]:
+    """Pause points a process waits at now (or waited at: a released point keeps its .paused file)."""
+    return sorted(p.name.removesuffix(".paused") for p in pause_dir.glob("*.paused"))
+
+
+def registered_epoch(run_dir: Path) -> int:
+    """Epoch of the checkpoint that Ray Train's controller registered as its latest (0 before any)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being written
+        return 0
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return int((latest.get("metrics") or {}).get("epoch", 0))
+
+
+def assert_cluster_free(head_node: dict, when: str) -> None:
+    state = ray_cluster.cluster_is_free(head_node)
+    assert state["held"] == {} and state["free"] == state["total"], (when, state)
+
+
 def set_args(overrides: dict[str, object]) -> list[str]:
     return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
 
@@ -166,37 +199,35 @@ def metric_steps(client, run_id: str, key: str = "val_rsum") -> list[int]:
 
 # ---- Train: a worker dies --------------------------------------------------------------------------------------------
 def test_train_worker_sigkill_restarts_from_checkpoint(cman_process, demo_root: Path, tmp_path: Path) -> None:
-    """SIGKILL the Ray Train worker process while it trains an epoch after the first checkpoint; the run restarts
-    the worker group from a checkpoint of epoch >= 1 and finishes all epochs (no epoch before it trained twice)."""
+    """SIGKILL the Ray Train worker process while it waits before epoch 2 (checkpoint 1 registered by Ray); the run
+    restarts the worker group from checkpoint 1 and trains epochs 2.. to the end (epoch 1 is not trained twice)."""
     from mlflow import MlflowClient
 
     from cman.config import load_config
 
-    out = tmp_path / "train"
+    out, pause = tmp_path / "train", tmp_path / "pause"
     overrides = {
         **TINY,
         "data.root": demo_root,
         "training.epochs": TRAIN_EPOCHS,
         "ray.num_workers": 1,
         "ray.max_failures": 1,
-        "data.max_items": 96,  # 12 steps an epoch: the kill lands inside an epoch more often than between two
     }
     config_path = REPO / "configs" / "demo.yaml"
     args = ["train", "--config", str(config_path), "--output-dir", str(out), *set_args(overrides)]
-    proc = cman_process(*args, env=TRAIN_ENV)
+    proc = cman_process(*args, env={**TRAIN_ENV, **pause_env(pause, f"train-*-epoch-{PAUSE_BEFORE_EPOCH}")})
 
-    # wait for the first checkpoint (epoch >= 1) and for Ray to register it; the worker is then in a later epoch
-    poll(lambda: checkpoint_epochs(out), proc, 120, "first checkpoint")
+    poll(lambda: paused(pause), proc, 240, f"the Train worker at its pause before epoch {PAUSE_BEFORE_EPOCH}")
+    run_dir = out / "ray_results" / "cman_train"
+    poll(lambda: registered_epoch(run_dir) == PAUSE_BEFORE_EPOCH - 1, proc, 60, "Ray registering checkpoint 1")
     (worker,) = poll(lambda: proc.find("RayTrainWorker"), proc, 30, "Ray Train worker process")
-    time.sleep(REGISTERED_AFTER_S)
-    done_before_kill = max(checkpoint_epochs(out))
-    assert done_before_kill < TRAIN_EPOCHS, "the run finished before the kill: make epochs longer"
     killed_at_ms = time.time() * 1000
     worker.send_signal(signal.SIGKILL)
     worker.wait(timeout=10)
+    (pause / "go").touch()  # the restarted worker goes straight on
 
     poll(lambda: proc.ever("RayTrainWorker") - {worker.pid}, proc, 60, "a new Ray Train worker after the kill")
-    rc = proc.wait(timeout=180)
+    rc = proc.wait(timeout=240)
     assert rc == 0, proc.tail()
 
     last = json.loads((out / "checkpoints" / "last" / "metadata.json").read_text())
@@ -205,15 +236,13 @@ def test_train_worker_sigkill_restarts_from_checkpoint(cman_process, demo_root: 
     experiment = client.get_experiment_by_name(load_config(config_path).mlflow.experiment)
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
-    # Rank 0 logs each epoch to MLflow after reporting it. Resumed from a checkpoint of epoch r >= 1, the restarted
-    # worker logs epochs r+1..E; from scratch it would log 1..E again. (The killed worker may not have logged its
-    # last reported epoch yet, so epochs before the kill are not checked.)
+    # Rank 0 logs each epoch to MLflow after reporting it, before the pause. Resumed from checkpoint 1, the restarted
+    # worker logs epochs 2..E; from scratch it would log 1..E again.
     history = client.get_metric_history(run.info.run_id, "val_rsum")
+    steps = [m.step for m in sorted(history, key=lambda m: m.timestamp)]
     after_kill = [m.step for m in sorted(history, key=lambda m: m.timestamp) if m.timestamp > killed_at_ms]
-    assert after_kill, "no epoch was logged after the kill"
-    resumed_from = after_kill[0] - 1
-    assert 1 <= resumed_from <= done_before_kill, f"restart trained epochs {after_kill} (kill after {done_before_kill})"
-    assert after_kill == list(range(resumed_from + 1, TRAIN_EPOCHS + 1)), after_kill
+    assert after_kill == list(range(PAUSE_BEFORE_EPOCH, TRAIN_EPOCHS + 1)), (after_kill, steps)
+    assert steps == list(range(1, TRAIN_EPOCHS + 1)), steps
 
 
 # ---- Tune: the driver dies -------------------------------------------------------------------------------------------
@@ -237,13 +266,20 @@ def second_trial_training(uri: str) -> tuple[list[object], list[object]] | None:
     return (finished, running) if finished and running else None
 
 
-def test_tune_driver_sigkill_then_resume(cman_process, demo_root: Path, tmp_path: Path) -> None:
-    """SIGKILL `cman tune` while its second trial trains; `cman tune --resume` trains that trial to the end without
-    training the first one again, and no MLflow run is left RUNNING."""
+@pytest.fixture()
+def head_node() -> Iterator[dict]:
+    yield from ray_cluster.head_node()
+
+
+def test_tune_driver_sigkill_then_resume(cman_process, head_node: dict, demo_root: Path, tmp_path: Path) -> None:
+    """`cman tune` as a driver of a `ray start --head` cluster (RAY_ADDRESS), SIGKILLed while its second trial runs
+    (its worker held at a pause point); `cman tune --resume` trains that trial to the end without training the first
+    one again, and no MLflow run is left RUNNING. After the kill and after the resumed sweep the cluster's
+    placement-group table holds no group and every CPU is free."""
     import pandas as pd
     from mlflow import MlflowClient
 
-    out = tmp_path / "sweep"
+    out, pause = tmp_path / "sweep", tmp_path / "pause"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = {
         **TINY,
@@ -256,12 +292,16 @@ def test_tune_driver_sigkill_then_resume(cman_process, demo_root: Path, tmp_path
         "mlflow.tracking_uri": uri,
     }
     args = ["tune", "--config", str(REPO / "configs" / "demo.yaml"), "--output-dir", str(out), *set_args(overrides)]
-    driver = cman_process(*args)
-    finished, running = poll(lambda: second_trial_training(uri), driver, 240, "a second trial")
-    time.sleep(KILL_AFTER_S)  # into the second trial's training
+    cluster = {"RAY_ADDRESS": head_node["address"]}
+    driver = cman_process(*args, env=cluster | pause_env(pause, "train-*-epoch-1"))  # each trial's worker waits
+    (first,) = poll(lambda: paused(pause), driver, 240, "the first trial's worker")
+    (pause / f"{first}.go").touch()  # the first trial trains and finishes
+    poll(lambda: len(paused(pause)) == 2, driver, 240, "the second trial's worker")
+    finished, running = poll(lambda: second_trial_training(uri), driver, 60, "the first trial's run FINISHED")
     driver.popen.send_signal(signal.SIGKILL)  # the `cman tune` process itself: Tune's driver
     assert driver.popen.wait(timeout=30) == -signal.SIGKILL
-    driver.kill_all()  # and what it left behind (Ray's processes share its fate; anything else is killed here)
+    driver.kill_all()  # and anything it started itself
+    assert_cluster_free(head_node, "after the driver was killed")
 
     killed = sweep_runs(uri)
     left_running = {rid for rid, r in killed.items() if r.info.status == "RUNNING"}
@@ -270,8 +310,9 @@ def test_tune_driver_sigkill_then_resume(cman_process, demo_root: Path, tmp_path
     done_steps = metric_steps(MlflowClient(uri), finished[0].info.run_id)
     assert done_steps == list(range(1, TUNE_EPOCHS + 1))
 
-    resumed = cman_process(*args, "--resume")
+    resumed = cman_process(*args, "--resume", env=cluster)
     assert resumed.wait(timeout=240) == 0, resumed.tail()
+    assert_cluster_free(head_node, "after the resumed sweep")
 
     client = MlflowClient(uri)
     after = sweep_runs(uri)

@@ -118,6 +118,7 @@ def test_ray_data_index_equals_single_process_and_resumes_after_a_kill(
     import ray
 
     from cman.config import ServeConfig
+    from jobs import faults
     from jobs.build_index import build_index_ray, shard_path
 
     single, sharded = tmp_path / "single", tmp_path / "ray"
@@ -127,16 +128,28 @@ def test_ray_data_index_equals_single_process_and_resumes_after_a_kill(
     cmd = [sys.executable, "-m", "cman.cli", "index", "--config", str(trained_checkpoint / "config.yaml")]
     cmd += ["--checkpoint", str(trained_checkpoint), "--split", "test", "--out", str(sharded)]
     cmd += [f"--set=data.root={demo_root}", *(f"--set={s}" for s in settings)]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while not list((sharded / "shards").glob("*/shard-*.npz")) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
+    pause = tmp_path / "pause"  # every shard write waits at a pause point (jobs.faults) until the test says go
+    env |= {faults.DIR_ENV: str(pause), faults.AT_ENV: "index-*"}
+    log = tmp_path / "index.log"  # a file, not a pipe: a full pipe would stall the build before its pause point
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=out)
+
+    def wait_paused(n: int) -> list[Path]:
+        deadline = time.monotonic() + 240
+        while len(points := sorted(pause.glob("*.paused"))) < n:
+            assert proc.poll() is None, log.read_text(errors="replace")[-2000:]
+            assert time.monotonic() < deadline, f"fewer than {n} shard writes reached their pause point in 240 s"
+            time.sleep(0.05)
+        return points
+
+    (first,) = wait_paused(1)
+    (pause / first.name.replace(".paused", ".go")).touch()  # the first shard is written
+    wait_paused(2)  # the next one waits: the build is midway, whatever the box's speed
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (sharded / "shards").glob("*/shard-*.npz")}
     total = sum(-(-count // 2) for count in json.loads((single / "index_meta.json").read_text())["counts"].values())
-    assert 0 < len(done) < total, f"the kill should land midway: {len(done)} of {total} shards were done"
+    assert len(done) == 1 < total, f"{len(done)} of {total} shards were written before the kill"
 
     serve = ServeConfig(index_shard_size=2, index_batch_size=2, index_cpus_per_actor=0.5)
     counts = build_index_ray(trained_checkpoint, "test", sharded, root=demo_root, serve=serve, progress=False)

@@ -1,7 +1,9 @@
 """Real faults under load: SIGKILL an encoder replica's process and then the Retriever's while 8 clients search with
 text, audio and image queries; and audio bombs sent at a replica whose peak memory is measured.
 
-Traffic goes to 127.0.0.1 only. The load window is ~30 s; replicas are found by their process title
+Traffic goes to 127.0.0.1 only. Kills follow progress, not the clock: each deployment is killed once STEADY requests
+have been answered since the previous replacement, and the load ends STEADY answers after the last replacement (so a
+fast and a slow box see the same phases). Replicas are found by their process title
 (`ray::ServeReplica:<app>:<deployment>`) and killed from outside with SIGKILL.
 """
 
@@ -25,9 +27,10 @@ from cman.index import GalleryIndex
 
 pytestmark = pytest.mark.ray
 
-WINDOW_S = 30.0
 CONCURRENCY = 8
-KILLS = {6.0: "TextEncoder", 16.0: "Retriever"}  # seconds into the window → deployment
+KILLS = ("TextEncoder", "Retriever")  # killed in this order
+STEADY = 24  # answers before each kill and after the last replacement
+LOAD_TIMEOUT_S = 240.0
 
 
 def replica_pids(deployment: str) -> list[int]:
@@ -61,29 +64,43 @@ def _queries(index_dir: Path) -> list[tuple[dict, dict]]:
     ]
 
 
-async def _load(url: str, queries: list[tuple[dict, dict]], kills: dict[float, str]) -> tuple[list, dict]:
+async def _load(url: str, queries: list[tuple[dict, dict]], kills: tuple[str, ...]) -> tuple[list, dict, dict]:
+    """8 clients search until every deployment in `kills` was killed and replaced; returns the outcomes, the killed
+    pids and their replacements."""
     outcomes: list[tuple[int, bool, int]] = []  # (status, retried, query kind)
     killed: dict[str, int] = {}
+    replaced: dict[str, int] = {}
+    done = asyncio.Event()
     start = time.monotonic()
 
     async def worker(n: int) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
             i = n
-            while time.monotonic() - start < WINDOW_S:
+            while not done.is_set():
                 data, files = queries[i % len(queries)]
                 r = await client.post("/search", data={"target": "image", "k": "10", **data}, files=files)
                 outcomes.append((r.status_code, r.headers.get("x-cman-retried") == "1", i % len(queries)))
                 i += 1
 
+    async def answered(n: int) -> None:
+        while len(outcomes) < n:
+            assert time.monotonic() - start < LOAD_TIMEOUT_S, f"{len(outcomes)} answers in {LOAD_TIMEOUT_S:.0f} s"
+            await asyncio.sleep(0.05)
+
     async def killer() -> None:
-        for at, deployment in sorted(kills.items()):
-            await asyncio.sleep(max(0.0, at - (time.monotonic() - start)))
-            (pid,) = replica_pids(deployment)
-            os.kill(pid, signal.SIGKILL)
-            killed[deployment] = pid
+        try:
+            for deployment in kills:
+                await answered(len(outcomes) + STEADY)
+                (pid,) = replica_pids(deployment)
+                os.kill(pid, signal.SIGKILL)
+                killed[deployment] = pid
+                replaced[deployment] = await asyncio.to_thread(wait_replaced, deployment, pid)
+            await answered(len(outcomes) + STEADY)
+        finally:
+            done.set()
 
     await asyncio.gather(killer(), *(worker(n) for n in range(CONCURRENCY)))
-    return outcomes, killed
+    return outcomes, killed, replaced
 
 
 def _top10(client: httpx.Client, queries) -> list[list[str]]:
@@ -99,15 +116,14 @@ def test_replicas_killed_under_load_are_replaced_and_requests_succeed(served_app
     queries = _queries(served_app["index_dir"])
     with httpx.Client(base_url=served_app["url"], timeout=120) as client:
         before = _top10(client, queries)
-        outcomes, killed = asyncio.run(_load(served_app["url"], queries, KILLS))
-        replaced = {d: wait_replaced(d, pid) for d, pid in killed.items()}
+        outcomes, killed, replaced = asyncio.run(_load(served_app["url"], queries, KILLS))
         after = _top10(client, queries)
     statuses = [s for s, _, _ in outcomes]
     ok = sum(200 <= s < 300 for s in statuses)
     unretried_5xx = [(s, kind) for s, retried, kind in outcomes if s >= 500 and not retried]
     retried = sum(r for _, r, _ in outcomes)
-    print(f"\n{len(statuses)} requests in {WINDOW_S:.0f} s: {ok} 2xx, {retried} retried, killed {killed} → {replaced}")
-    assert set(killed) == set(KILLS.values())
+    print(f"\n{len(statuses)} requests: {ok} 2xx, {retried} retried, killed {killed} → {replaced}")
+    assert set(killed) == set(KILLS)
     assert ok / len(statuses) >= 0.99, sorted(set(statuses))
     assert not unretried_5xx, unretried_5xx
     assert retried >= 1, "killing the Retriever under load interrupted no request: the retry path went untested"
@@ -151,7 +167,7 @@ def test_a_dead_replica_is_retried_with_backoff_within_the_request_timeout(monke
     started = time.monotonic()
     with pytest.raises(calls.ServiceUnavailable, match="retried 0 times"):
         asyncio.run(calls.call(make, timeout_s=1, idempotent=True))
-    assert len(attempts) == 1 and time.monotonic() - started < 1
+    assert len(attempts) == 1 and time.monotonic() - started < 5  # the 10 s wait was never started
 
     make, attempts = _dies(1)  # a state-changing call is never retried
     with pytest.raises(calls.ServiceUnavailable, match="not retried"):

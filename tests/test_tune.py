@@ -144,13 +144,12 @@ def test_a_pending_worker_group_is_removed_at_the_end_of_the_sweep(ray_session, 
     bundle = {"CPU": round(ray.available_resources()["CPU"], 4)}  # everything free: a second one cannot be placed
     before = placement_group([bundle])
     ray.get(before.ready(), timeout=30)
-    releaser = ReleasePlacementGroups(str(tmp_path), bundle, delay_s=0.2)
+    releaser = ReleasePlacementGroups(str(tmp_path), delay_s=0.2)
     releaser.setup()
     pending = placement_group([bundle])
     try:
-        time.sleep(0.5)
         assert ray.util.placement_group_table(pending)["state"] == "PENDING"
-        releaser.on_experiment_end(trials=[])
+        assert releaser.settle(timeout_s=30) == [pending.id.hex()]
         assert ray.util.placement_group_table(pending)["state"] == "REMOVED"
         assert ray.util.placement_group_table(before)["state"] == "CREATED"
     finally:

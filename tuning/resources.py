@@ -6,11 +6,12 @@ State API, which needs the Ray dashboard; clusters started with `include_dashboa
 every stopped trial's CPUs reserved and the next trial's workers would never start. This Tune callback, running in
 the sweep's driver process, removes the group recorded by the trial's loop (`D/trials/<trial id>/placement_group`).
 
-A trial stopped before its loop started (an interrupt while its workers are starting) has recorded nothing: at the
-end of the experiment the callback also removes every worker-shaped group this job created during the sweep that is
-not yet removed (none of the sweep's trials runs any more by then), pending ones included: a group still waiting for
-CPUs (e.g. the previous trial's, released `delay_s` after it ended) is placed a moment later and would then hold
-them until the job ends.
+A trial stopped before its loop started (an interrupt while its workers are starting) has recorded nothing, and a
+Train controller still alive when the experiment ends may create a group after it: `settle`, called by the sweep once
+Tune has returned (on every path: finished, interrupted, failed), removes every group the job created during the sweep
+that is not yet removed until none has appeared for a few seconds, pending ones included (a group still waiting for
+CPUs is placed a moment later and would then hold them until the job ends). Ray Train's own cleaner is no substitute
+even with a dashboard: it learns of a worker group only once its workers have started.
 """
 
 from __future__ import annotations
@@ -32,15 +33,15 @@ class ReleasePlacementGroups(Callback):
     """Remove the worker placement groups of ended trials, `delay_s` after the end (once Tune has stopped the
     trial's driver; removing them earlier would make a still-running Train controller restart its workers)."""
 
-    def __init__(self, trials_dir: str, worker_bundle: dict[str, float], delay_s: float = 3.0):
+    def __init__(self, trials_dir: str, delay_s: float = 3.0):
         self.trials_dir = trials_dir
-        self.worker_bundle = dict(worker_bundle)
         self.delay_s = delay_s
         self._pending: dict[str, float] = {}
-        self._existing: set[str] = set()
+        self._existing: set[str] = set(ray.util.placement_group_table())
 
     def setup(self, **info) -> None:
-        """The groups that exist before the sweep (re)starts are never touched."""
+        """The groups that exist before the sweep (re)starts are never touched (also noted at construction, in case
+        the sweep fails before Tune sets its callbacks up)."""
         self._existing = set(ray.util.placement_group_table())
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
@@ -60,25 +61,41 @@ class ReleasePlacementGroups(Callback):
         self._pending.clear()
         for trial in trials:
             self._release(trial.trial_id)
-        if self._leftovers():
-            time.sleep(self.delay_s)  # let the stopped trials' Train controllers die first
-            for group_id in self._leftovers():
-                self._remove(group_id, "left by a trial stopped before its workers started")
+
+    def settle(self, quiet_s: float = 3.0, timeout_s: float = 60.0) -> list[str]:
+        """After the sweep (every path: finished, interrupted, failed): remove every placement group this job created
+        since `setup` that is not yet removed, placed or pending, until none has shown up for `quiet_s`; return the
+        ids removed here. Called once Tune has returned, when none of the sweep's trials runs any more.
+
+        Why the quiet period: a worker group's placement group is created by its Train controller, an actor owned by
+        the trial's driver actor. Tune has stopped every trial actor when `Tuner.fit` returns; Ray then kills the
+        actors they own, and a controller caught restarting its workers can create one more group before it dies.
+        Every group the job created since `setup` is the sweep's (Tune's own trial groups included)."""
+        deadline = time.monotonic() + timeout_s
+        removed: list[str] = []
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < quiet_s:
+            left = self._leftovers()
+            for group_id in left:
+                self._remove(group_id, "left when the sweep ended")
+                removed.append(group_id)
+            if left:
+                quiet_since = time.monotonic()
+            if time.monotonic() > deadline:
+                logger.warning("placement groups still being created %.0f s after the sweep ended", timeout_s)
+                break
+            time.sleep(0.2)
+        return removed
 
     def _leftovers(self) -> list[str]:
-        """Groups of this job not yet removed (placed or still pending), created since `setup`, shaped like the
-        sweep's Train worker groups.
+        """Groups of this job not yet removed (placed or still pending) and created since `setup`.
 
         A placement group id ends with the id of the job that created it (Ray's id specification)."""
         job = ray.get_runtime_context().get_job_id()
         return [
             group_id
             for group_id, info in ray.util.placement_group_table().items()
-            if group_id not in self._existing
-            and group_id.endswith(job)
-            and info.get("state") != "REMOVED"
-            and info.get("bundles")
-            and all(_same_resources(bundle, self.worker_bundle) for bundle in info["bundles"].values())
+            if group_id not in self._existing and group_id.endswith(job) and info.get("state") != "REMOVED"
         ]
 
     def __getstate__(self) -> dict:  # Tune checkpoints its callbacks: pending releases belong to this process only
@@ -101,7 +118,3 @@ class ReleasePlacementGroups(Callback):
                 logger.info("released worker placement group %s %s", group_id, why)
         except Exception as err:  # noqa: BLE001 - already gone, or the cluster is shutting down
             logger.debug("placement group %s %s: %s", group_id, why, err)
-
-
-def _same_resources(bundle: dict[str, float], expected: dict[str, float]) -> bool:
-    return set(bundle) == set(expected) and all(abs(bundle[k] - expected[k]) < 1e-6 for k in expected)

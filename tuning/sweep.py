@@ -431,9 +431,11 @@ def run_sweep(
             experiment_id=mlflow_state["experiment_id"],
             tags={"mlflow.parentRunId": mlflow_state["parent_run_id"], "cman.kind": "trial"},
         )
-        worker_bundle = trial_resources(config)[1]["ray.resources_per_worker"]
-        releaser = ReleasePlacementGroups(str(local / TRIALS_DIR), worker_bundle)
-        results = _fit(config, where, resume, [logger_cb, releaser], study_name)
+        releaser = ReleasePlacementGroups(str(local / TRIALS_DIR))
+        try:
+            results = _fit(config, where, resume, [logger_cb, releaser], study_name)
+        finally:  # finished, interrupted or failed: no worker group of the sweep outlives it
+            releaser.settle()
         finished = _finished_trials(where)
         if finished < config.tune.num_samples:
             local_flag = f" --local-dir {local}" if where.remote else ""
