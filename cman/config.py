@@ -340,6 +340,9 @@ class ServeConfig(_Section):
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="width x height; larger → 413")
     max_form_fields: int = Field(default=8, ge=4, description="form fields + files per request; more → 413")
     request_timeout_s: float = Field(default=60.0, gt=0, description="a request still running after this → 504")
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="a request body not fully received this long after it started → 408"
+    )
     max_queued_requests: int = Field(default=64, ge=1, description="per deployment; more waiting → 503")
     health_check_period_s: float = Field(default=10.0, gt=0, description="Serve calls check_health this often")
 

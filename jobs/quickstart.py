@@ -132,7 +132,9 @@ def _run(
     if serve:
         from serve_app.run import serve_forever
 
-        serve_forever(checkpoint=best, index=index_dir, port=port)
+        # the key is never saved with the checkpoint's config: a `--set serve.api_key=...` given here is handed on
+        key = config.serve.api_key
+        serve_forever(checkpoint=best, index=index_dir, port=port, settings={"api_key": key} if key else None)
     else:
         print(f"serve it with: cman serve --checkpoint {best} --index {index_dir}")
     return result

@@ -97,9 +97,15 @@ class ModalityEncoderServer:
                 max_duration_s=s.max_audio_seconds,
                 min_samples=self.min_samples,
             )
-        from cman.data.image import decode_image
+        from cman.data.image import UPLOAD_FORMATS, decode_image
 
-        return payload if not isinstance(payload, bytes | str) else decode_image(payload, max_pixels=s.max_image_pixels)
+        return (
+            payload
+            if not isinstance(payload, bytes | str)
+            else decode_image(
+                payload, max_pixels=s.max_image_pixels, formats=UPLOAD_FORMATS if isinstance(payload, bytes) else None
+            )
+        )
 
     def _features(self, payload: Any) -> dict[str, Any]:
         bad_media = 415 if self.modality != Modality.TEXT else 400

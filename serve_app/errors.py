@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import re
+
+_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")  # e.g. PIL's "cannot identify image file <_io.BytesIO ...>"
+
+
+def scrub(message: str) -> str:
+    """`message` without object reprs and their memory addresses (they tell a client nothing, an attacker a little)."""
+    return _REPR.sub("the upload", message)
+
 
 class RequestError(Exception):
     """A client error (4xx): `message` says what went wrong and what to send instead."""
 
     def __init__(self, status: int, message: str) -> None:
+        message = scrub(message)
         super().__init__(status, message)
         self.status = status
         self.message = message

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve_app import schemas as s
 from serve_app.calls import ServiceUnavailable, call
 from serve_app.errors import RequestError
-from serve_app.security import Guard, GuardSettings
+from serve_app.security import Guard, GuardSettings, is_loopback, page_policy
 from serve_app.uploads import Limits, payloads
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,28 @@ async def _count_fields(request: Request, max_fields: int) -> None:
         )
 
 
+SERVE_CONTROLLER = ("SERVE_CONTROLLER_ACTOR", "serve")  # Serve's controller actor: name, namespace
+
+
+def bound_host(declared: str) -> str:
+    """The host to guard for: the one Serve's HTTP proxies really bind (asked of Serve's controller), or `declared`
+    if that one is exposed (not loopback) and the bound one is not. The declared host alone can be stale: when Serve
+    already ran, `serve.start` ignored its `http_options`; a `serve deploy` config's `args.host` may differ from its
+    `http_options.host`. If the controller cannot say, a non-loopback bind is assumed (fail closed)."""
+    import ray
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER[0], namespace=SERVE_CONTROLLER[1])
+        host = str(ray.get(controller.get_http_config.remote(), timeout=30).host)
+    except Exception as err:  # noqa: BLE001 - no controller to ask: guard as if exposed
+        logger.warning("could not read Serve's HTTP bind address (%s): guarding as for 0.0.0.0", err)
+        return "0.0.0.0"
+    guarded = declared if is_loopback(host) and not is_loopback(declared) else host
+    if host != declared:
+        logger.warning("told Serve binds %s, Serve's proxies bind %s: guarding for %s", declared, host, guarded)
+    return guarded
+
+
 ItemId = Annotated[str, Path(pattern=s.ITEM_ID_PATTERN, max_length=128, description=s.ITEM_ID_RULE)]
 TextField = Annotated[str | None, Form(description="query text (Unicode-normalised; control characters removed)")]
 AudioField = Annotated[UploadFile | None, File(description="audio (WAV/FLAC/OGG)")]
@@ -103,12 +125,17 @@ class Ingress:
         self.encoders = encoders
         self.limits = Limits.from_settings(settings)
         self.timeout_s = float(settings.get("request_timeout_s", 60.0))
+        self.page = resources.files("serve_app").joinpath("static/index.html").read_text(encoding="utf-8")
+        max_body = 3 * self.limits.max_upload_bytes + 1024 * 1024
         app.state.guard = GuardSettings(
             key_sha256=settings.get("api_key_sha256"),
-            bind_host=str(settings.get("bind_host", "127.0.0.1")),
-            max_body_bytes=3 * self.limits.max_upload_bytes + 1024 * 1024,
+            bind_host=bound_host(str(settings.get("bind_host", "127.0.0.1"))),
+            max_body_bytes=max_body,
+            body_timeout_s=float(settings.get("body_timeout_s", 30.0)),
+            max_inflight_bytes=8 * max_body,  # 8 full-size uploads at once, then 503 + Retry-After
+            page_policy=page_policy(self.page),
+            max_form_fields=self.limits.max_form_fields,
         )
-        self.page = resources.files("serve_app").joinpath("static/index.html").read_text(encoding="utf-8")
 
     async def _query(self, request: Request, text: Any, audio: Any, image: Any, *, empty_ok: bool = False) -> dict:
         await _count_fields(request, self.limits.max_form_fields)

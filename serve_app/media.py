@@ -49,6 +49,30 @@ def extension(data: bytes) -> str:
     return ".bin"
 
 
+def strip_image_metadata(data: bytes) -> bytes:
+    """`data` without EXIF / XMP / comments / text chunks: the same bytes if it has none, else re-encoded in its own
+    format with its EXIF orientation applied first (so it still shows as it was embedded)."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as img:
+        fmt = img.format
+        carries = bool(img.getexif()) or any(k in img.info for k in METADATA_KEYS)
+        if not carries or fmt not in RESAVE:
+            return data
+        img.load()
+        clean = ImageOps.exif_transpose(img)
+    clean.info = {}  # nothing of the original's metadata travels to the new file
+    out = io.BytesIO()
+    clean.save(out, format=fmt, **RESAVE[fmt])
+    return out.getvalue()
+
+
+METADATA_KEYS = ("exif", "xmp", "XML:com.adobe.xmp", "comment", "icc_profile_name", "Description", "Author", "gps")
+RESAVE = {"JPEG": {"quality": 95}, "PNG": {}, "WEBP": {"quality": 95}, "GIF": {}, "BMP": {}}
+
+
 def media_name(item_id: str, kind: str, data: bytes) -> str:
     """Where an added item's `kind` ("image" / "audio") file goes, relative to the index directory."""
     return f"{MEDIA_DIR}/{item_id}.{kind}{extension(data)}"

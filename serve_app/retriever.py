@@ -29,11 +29,11 @@ from cman.modality import Modality
 from serve_app.encoders import inference_device, limit_threads
 from serve_app.errors import RequestError, raise_if_error
 from serve_app.gallery_store import DuplicateItemError, GalleryStore
-from serve_app.media import allowed_roots, media_name, read_media, write_media
+from serve_app.media import allowed_roots, media_name, read_media, strip_image_metadata, write_media
 
 logger = logging.getLogger(__name__)
 
-ITEM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+ITEM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # used with fullmatch: no trailing newline
 
 
 def client_errors(method):
@@ -176,7 +176,7 @@ class RetrieverServer:
 
     @client_errors
     async def add_item(self, item_id: str, payloads: dict[str, Any]) -> dict[str, Any]:
-        if not ITEM_ID.match(item_id):
+        if not ITEM_ID.fullmatch(item_id):
             raise RequestError(
                 400, f"bad id {item_id!r}: use 1-128 letters, digits, '_', '-' or '.', starting with a letter/digit"
             )
@@ -186,6 +186,8 @@ class RetrieverServer:
             raise RequestError(400, f"duplicate id {item_id!r}: an item with this id is already in the gallery")
         streams = await self._streams(payloads)
         vectors = {m.value: self._fuse({m: s}) for m, s in streams.items() if m.value in self.indexes}
+        if "image" in payloads:  # EXIF (GPS, camera serials), XMP and comments are not kept in the gallery
+            payloads = {**payloads, "image": await asyncio.to_thread(strip_image_metadata, payloads["image"])}
         record: dict[str, Any] = {"id": item_id}
         if "text" in payloads:
             record["caption"] = payloads["text"]

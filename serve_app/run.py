@@ -51,18 +51,32 @@ def sample_requests(url: str, caption: str = "a large red circle on the left") -
     ]
 
 
-def start_app(checkpoint: str | Path, index: str | Path, config: str | Path | None, host: str, port: int) -> str:
-    """Start Ray + Serve (HTTP on host:port) and deploy the application; return its base URL."""
+def start_app(
+    checkpoint: str | Path,
+    index: str | Path,
+    config: str | Path | None,
+    host: str,
+    port: int,
+    settings: dict | None = None,
+) -> str:
+    """Start Ray + Serve (HTTP on host:port) and deploy the application; return its base URL. `settings`: overrides
+    of `serve:` keys (the API key among them: never saved in a checkpoint's config, so it comes this way)."""
     from ray import serve
 
     from jobs import cluster
-    from serve_app.app import ServeArgs, build_app
+    from serve_app.app import ServeArgs, build_app, resolve_serve_config
 
     cluster.connect(os.environ.get("RAY_ADDRESS"))  # hub access left as configured: HF_* passed on only if set
-    serve.start(http_options={"host": host, "port": port})
     args = ServeArgs(
-        checkpoint=str(checkpoint), index_dir=str(index), config=str(config) if config else None, host=host
+        checkpoint=str(checkpoint),
+        index_dir=str(index),
+        config=str(config) if config else None,
+        host=host,
+        serve=settings or {},
     )
+    # the proxy gives up on a request a little after the app's own timeout, so the app's 504 JSON is what clients see
+    proxy_timeout_s = resolve_serve_config(args).request_timeout_s + 10
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": proxy_timeout_s})
     start = time.perf_counter()
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     logger.info("application %r running (serve.run took %.1f s)", APP_NAME, time.perf_counter() - start)
@@ -99,8 +113,10 @@ def serve_forever(
     config: str | Path | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
+    settings: dict | None = None,
 ) -> None:
-    """Serve `checkpoint` + `index` over HTTP until Ctrl-C (defaults: the quickstart's outputs)."""
+    """Serve `checkpoint` + `index` over HTTP until Ctrl-C (defaults: the quickstart's outputs); `settings` as in
+    `start_app`."""
     checkpoint = Path(checkpoint) if checkpoint else default_checkpoint()
     index = Path(index) if index else QUICKSTART_DIR / "index"
     if not (checkpoint / "metadata.json").is_file():
@@ -108,7 +124,7 @@ def serve_forever(
     if not index.is_dir():
         raise FileNotFoundError(f"index directory {index} not found; build it with `cman index ... --out {index}`")
     try:
-        url = start_app(checkpoint, index, config, host, port)
+        url = start_app(checkpoint, index, config, host, port, settings)
         print(f"\nCMAN is serving {checkpoint} with index {index}")
         print(f"  demo page:  {url}\n  API docs:   {url}docs\n\ntry:")
         for line in sample_requests(url):

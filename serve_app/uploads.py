@@ -15,6 +15,15 @@ ACCEPTED_TYPES = {
     "audio": ("audio/", "video/webm", "video/ogg", "application/ogg"),
 }
 ANY_BINARY = ("application/octet-stream", "")
+# Formats decoded from uploads, told apart by their first bytes (the client's content type decides nothing).
+IMAGE_MAGIC = {
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "JPEG": (b"\xff\xd8\xff",),
+    "GIF": (b"GIF87a", b"GIF89a"),
+    "BMP": (b"BM",),
+}
+AUDIO_FORMATS = {"WAV", "FLAC", "OGG", "MP3"}  # libsndfile's names; its 20-odd others (AIFF, CAF, W64, ...) refused
+MAX_AUDIO_RATE_X_CHANNELS = 48_000 * 2  # stereo at 48 kHz: decoding cost is rate x channels x seconds
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,40 @@ async def read_upload(name: str, upload: UploadFile | None, limits: Limits) -> b
             check_audio_header(data, limits.max_audio_seconds)
         except DataError as err:
             raise _as_request_error(err, 415) from None
+        check_audio_format(data)
+    else:
+        check_image_format(data)
     return data
+
+
+def check_image_format(data: bytes) -> str:
+    """The upload's image format from its first bytes; 415 unless PNG, JPEG, WebP, GIF or BMP."""
+    for fmt, magics in IMAGE_MAGIC.items():
+        if data.startswith(magics):
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    message = "image upload could not be decoded: it is not PNG, JPEG, WebP, GIF or BMP (told by its content)"
+    raise RequestError(415, message + "; send one of those")
+
+
+def check_audio_format(data: bytes) -> str:
+    """The upload's audio format from its header; 415 unless WAV, FLAC, OGG (Vorbis/Opus) or MP3 at no more than
+    48 kHz stereo (a decoder's cost is rate x channels x seconds: 8 channels at 384 kHz is 32x that)."""
+    import io
+
+    import soundfile as sf
+
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - check_audio_header has opened it already; any failure here is the same 415
+        raise RequestError(415, "audio upload could not be read; send WAV, FLAC, OGG or MP3") from None
+    if info.format not in AUDIO_FORMATS:
+        raise RequestError(415, f"audio upload is {info.format} ({info.format_info}); send WAV, FLAC, OGG or MP3")
+    if info.samplerate * info.channels > MAX_AUDIO_RATE_X_CHANNELS:
+        shape = f"{info.channels} channel(s) at {info.samplerate:,} Hz"
+        raise RequestError(415, f"audio upload is {shape}; send mono or stereo at 48 kHz or less")
+    return info.format
 
 
 async def payloads(limits: Limits, text: str | None, audio: Any, image: Any) -> dict[str, Any]:

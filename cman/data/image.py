@@ -11,12 +11,20 @@ from PIL import Image, ImageOps
 from cman.data.errors import DataError, LimitError
 
 MAX_PIXELS = 40_000_000  # a 40 MP photo is the largest we accept
+# What the service decodes from uploads (by content, whatever the client's content type says): never EPS/PS (Pillow
+# hands those to Ghostscript), nor the long tail of formats Pillow reads.
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 
 def decode_image(
-    source: str | Path | bytes, *, item_id: str | None = None, max_pixels: int = MAX_PIXELS
+    source: str | Path | bytes,
+    *,
+    item_id: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+    formats: tuple[str, ...] | None = None,
 ) -> Image.Image:
-    """Decode `source` (a path or raw bytes) to an RGB PIL image with its EXIF orientation applied."""
+    """Decode `source` (a path or raw bytes) to an RGB PIL image with its EXIF orientation applied (the first frame
+    of an animation). `formats`: the Pillow formats accepted (None: any); others are a DataError."""
     path = None if isinstance(source, bytes) else Path(source)
     where = f"image file {path}" if path else "image upload"
     if item_id is not None:
@@ -27,7 +35,7 @@ def decode_image(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             handle = io.BytesIO(source) if isinstance(source, bytes) else path
-            with Image.open(handle) as img:
+            with Image.open(handle, formats=formats) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise LimitError(
@@ -45,7 +53,16 @@ def decode_image(
         raise LimitError(f"{where} is too large: {err}", item_id=item_id, path=str(path) if path else None) from None
     except Exception as err:
         raise DataError(
-            f"{where} could not be decoded ({err}); send a PNG, JPEG or other PIL-readable image",
+            f"{where} could not be decoded ({_plain(err)}); send a "
+            + (", ".join(formats) if formats else "PNG, JPEG or other PIL-readable")
+            + " image",
             item_id=item_id,
             path=str(path) if path else None,
         ) from None
+
+
+def _plain(err: Exception) -> str:
+    """The error's message without object reprs (PIL names the BytesIO it could not read, with its address)."""
+    import re
+
+    return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "the data", str(err))

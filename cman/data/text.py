@@ -22,9 +22,20 @@ def normalize_text(text: str) -> str:
     return " ".join("".join(kept).split())
 
 
+RAW_FACTOR = 4  # raw text may be this many times `max_chars` before normalisation (which drops and collapses)
+
+
 def clean_caption(text: object, *, item_id: str | None = None, max_chars: int | None = None) -> str:
-    """`normalize_text(text)`; empty (e.g. only NUL or control characters) → DataError, too long → LimitError."""
+    """`normalize_text(text)`; empty (e.g. only NUL or control characters) → DataError, too long → LimitError.
+
+    With `max_chars`, text over `RAW_FACTOR * max_chars` characters is refused before it is normalised: NFKC can
+    expand one character 18x (U+FDFA), so normalising a 1 MiB field first would cost seconds of CPU."""
     where = f" (item {item_id})" if item_id is not None else ""
+    if max_chars is not None and isinstance(text, str) and len(text) > RAW_FACTOR * max_chars:
+        raise LimitError(
+            f"text{where} is {len(text):,} characters, over the {max_chars:,}-character limit (max_text_chars)",
+            item_id=item_id,
+        )
     cleaned = normalize_text(text) if isinstance(text, str) else ""
     if not cleaned:
         raise DataError(
