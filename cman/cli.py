@@ -24,9 +24,13 @@ EXAMPLES = """examples:
 """
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+def _config_args(p: argparse.ArgumentParser, from_checkpoint: bool = False) -> None:
+    bundled = "demo, default, minimal, digits, digits_whisper, pretrained, pretrained_text"
     p.add_argument(
-        "--config", required=True, help="YAML config file, or a bundled one by name: demo, default, minimal, digits"
+        "--config",
+        required=not from_checkpoint,
+        help=f"YAML config file, or a bundled one by name: {bundled}"
+        + ("; default: the checkpoint's own config.yaml" if from_checkpoint else ""),
     )
     p.add_argument(
         "--set",
@@ -134,7 +138,7 @@ def _training_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="six-direction retrieval metrics of a checkpoint")
-    _config_args(p)
+    _config_args(p, from_checkpoint=True)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="test")
     _flag(
@@ -165,7 +169,7 @@ def _training_commands(sub: Any) -> None:
 def _serving_commands(sub: Any) -> None:
     """index, serve, quickstart."""
     p = sub.add_parser("index", help="build the FAISS gallery index of a dataset split")
-    _config_args(p)
+    _config_args(p, from_checkpoint=True)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True, help="index directory")
@@ -206,11 +210,14 @@ def _serving_commands(sub: Any) -> None:
 
 
 # ---- commands ------------------------------------------------------------------------------------------------------
-def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None):
+def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None, checkpoint: Path | None = None):
+    """`--config` with `--set` and `extra` applied; without `--config`, `checkpoint`'s own config.yaml."""
     from cman.config import load_config, parse_override
 
     overrides: dict[str, Any] = dict(parse_override(item) for item in args.overrides)
     overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
+    if args.config is None and checkpoint is not None:
+        return load_config(Path(checkpoint) / "config.yaml", overrides)
     return load_config(_config_path(args.config), overrides)
 
 
@@ -325,8 +332,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from cman.api import resolve_checkpoint
 
-    config = _load(args)
     checkpoint = resolve_checkpoint(args.checkpoint)  # a wrong path is one line before torch is imported
+    config = _load(args, checkpoint=checkpoint)
 
     from cman.metrics import format_table
     from cman.training import evaluate_checkpoint, write_eval
@@ -369,9 +376,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from cman.api import resolve_checkpoint
     from jobs.build_index import build_index, build_index_ray
 
-    config = _load(args)
+    config = _load(args, checkpoint=resolve_checkpoint(args.checkpoint))
     common = {"root": config.data.root, "kind": config.serve.index_kind, "serve": config.serve}
     if args.in_process:
         summary = build_index(args.checkpoint, args.split, args.out, **common)

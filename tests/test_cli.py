@@ -67,3 +67,24 @@ def test_errors_are_one_line_without_traceback(args, message):
 def test_argument_errors_exit_2():
     proc = run_cli("train")
     assert proc.returncode == 2 and "--config" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_and_index_default_to_the_checkpoints_own_config(trained_checkpoint, demo_root, tmp_path):
+    """No --config: `cman eval` / `cman index` read the checkpoint's config.yaml (`--set` still applies)."""
+    import json
+
+    from cman.cli import main
+
+    root = f"data.root={demo_root}"
+    assert main(["eval", "--checkpoint", str(trained_checkpoint), "--set", root, "--output-dir", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "eval_test.json").read_text())["split"] == "test"
+    out = tmp_path / "index"
+    assert (
+        main(["index", "--checkpoint", str(trained_checkpoint), "--set", root, "--out", str(out), "--in-process"]) == 0
+    )
+    assert (out / "index_meta.json").is_file()
+
+
+def test_python_dash_m_cman_is_the_cman_command():
+    proc = subprocess.run([sys.executable, "-m", "cman", "--version"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip().startswith("cman "), proc.stdout + proc.stderr

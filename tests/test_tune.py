@@ -308,3 +308,19 @@ def test_a_trial_bigger_than_the_local_ray_is_one_error(tune_root: Path) -> None
     with pytest.raises(ConfigError, match=r"tune\.gpus_per_trial: 1 but this Ray has 0 in all"):
         check_trial_fits(config, {"CPU": 2.0})
     check_trial_fits(config, {"CPU": 2.0, "GPU": 1.0})  # fits exactly
+
+
+def test_concurrent_trials_that_cannot_all_fit_are_run_fewer_at_a_time(tune_root: Path, caplog) -> None:
+    """`cman tune --config demo --max-concurrent 2` on 2 CPUs (2 CPUs a trial) used to wait forever: both drivers
+    took their share and neither trial's workers found the rest. Now one runs at a time, with a warning."""
+    from tuning.sweep import fit_concurrency
+
+    config = tiny_config(tune_root, SIZES, **{"tune.cpus_per_trial": 2, "tune.max_concurrent": 2})
+    with caplog.at_level("WARNING"):
+        assert fit_concurrency(config, {"CPU": 2.0}).tune.max_concurrent == 1
+    assert "do not fit this Ray's 2 CPUs at once" in caplog.text
+    assert fit_concurrency(config, {"CPU": 4.0}).tune.max_concurrent == 2
+    gpu = tiny_config(
+        tune_root, SIZES, **{"tune.cpus_per_trial": 1, "tune.gpus_per_trial": 1, "tune.max_concurrent": 4}
+    )
+    assert fit_concurrency(gpu, {"CPU": 8.0, "GPU": 2.0}).tune.max_concurrent == 2

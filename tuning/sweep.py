@@ -67,6 +67,29 @@ def check_trial_fits(config: CMANConfig, cluster: dict[str, float]) -> None:
             )
 
 
+def fit_concurrency(config: CMANConfig, cluster: dict[str, float]) -> CMANConfig:
+    """`config` with `tune.max_concurrent` lowered to the trials the (local) cluster can run at once, with a warning.
+
+    Trials that do not all fit deadlock: each trial's driver takes its CPU share first, and then no trial's Train
+    workers find the rest (measured: configs/demo.yaml with --max-concurrent 2 on 2 CPUs waited forever)."""
+    tc = config.tune
+    fits = [int(cluster.get("CPU", 0.0) // tc.cpus_per_trial)]
+    if tc.gpus_per_trial:
+        fits.append(int(cluster.get("GPU", 0.0) // tc.gpus_per_trial))
+    at_once = max(1, min(fits))
+    if tc.max_concurrent <= at_once:
+        return config
+    logger.warning(
+        "tune.max_concurrent: %d trials of %g CPUs do not fit this Ray's %g CPUs at once (they would wait for each "
+        "other forever); running %d at a time",
+        tc.max_concurrent,
+        tc.cpus_per_trial,
+        cluster.get("CPU", 0.0),
+        at_once,
+    )
+    return config.with_overrides({"tune.max_concurrent": at_once})
+
+
 def train_driver(trial: dict[str, Any], base: dict[str, Any], where: RunLocation) -> None:
     """Tune trainable: fit one TorchTrainer with the trial's values; Train reports reach Tune per epoch.
 
@@ -424,6 +447,7 @@ def run_sweep(
     try:
         if started and cluster.cluster_address(address) is None:  # a local Ray: on a cluster, an autoscaler may add
             check_trial_fits(config, ray.cluster_resources())
+            config = fit_concurrency(config, ray.cluster_resources())
         mlflow_state = _mlflow_setup(config, local, resume)
         study_name = f"{mlflow_state['experiment']}-{mlflow_state['parent_run_id'][:8]}"
         logger_cb = TrialLogger(
