@@ -1,13 +1,14 @@
 """Leave-one-speaker-out cross-validation on the spoken digits (FSDD, six speakers): does speech generalise?
 
 Fold k tests on speaker k, validates on the next speaker (sorted, cyclic) and trains on the other four; each fold
-imports its own dataset (`cman data import-digits`) and trains `configs/digits.yaml` in this process. Prints JSON
-with P@1 and mAP@R per direction per fold, and their mean and standard deviation over the folds; also written to
-bench/results/digits_cv.json (or --out).
+imports its own dataset (`cman data import-digits`) and trains a config (`--config`, default `configs/digits.yaml`)
+in this process. Prints JSON with P@1 and mAP@R per direction per fold, and their mean and standard deviation over
+the folds; also written to bench/results/digits_cv.json (or --out).
 
     nice -n 10 python bench/digits_cv.py                      # all six folds, ~50 min on 2 cores
     python bench/digits_cv.py --seeds 0 1                     # each fold twice: the mean is over seeds, then folds
     python bench/digits_cv.py --folds theo --epochs 5         # one quick fold
+    python bench/digits_cv.py --config configs/digits_whisper.yaml --seeds 0 1   # any config (frozen Whisper + LoRA)
 
 One training run of a fold moves by up to ~20 points audio->text P@1 with the seed alone (a whole digit of the test
 speaker, 10 points, flips), so `--seeds` is how two configs should be compared. Each run also records, per digit,
@@ -56,8 +57,8 @@ def fsdd_speakers(fsdd_dir: Path) -> list[str]:
 
 
 def run_fold(fold: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Import the fold's dataset, train configs/digits.yaml on it once per seed, return its test metrics (the mean
-    over seeds in `metrics`, each run in `runs`)."""
+    """Import the fold's dataset, train `args.config` on it once per seed, return its test metrics (the mean over
+    seeds in `metrics`, each run in `runs`)."""
     from cman.data.importers import import_digits
 
     work = Path(args.work_dir) / fold["test"]

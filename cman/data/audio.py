@@ -21,6 +21,7 @@ from cman.data.errors import DataError, LimitError
 MIN_SAMPLES = 160  # 10 ms at 16 kHz: anything shorter carries no speech
 MIN_RATE, MAX_RATE = 1_000, 384_000  # Hz: outside this no real recording; 1 Hz is a resampling bomb
 MAX_CHANNELS = 32
+WHISPER_FRAMES_PER_SECOND = 100  # Whisper's log-mel: 16 kHz, hop 160
 
 
 def _where(item_id: str | None, path: str | Path | None) -> str:
@@ -28,6 +29,13 @@ def _where(item_id: str | None, path: str | Path | None) -> str:
     if item_id is not None:
         parts.append(f"(item {item_id})")
     return " ".join(parts)
+
+
+def whisper_window_frames(max_seconds: float) -> int:
+    """Log-mel frames (10 ms hop at 16 kHz) of a Whisper window covering `max_seconds`: even, as the encoder's
+    stride-2 convolution halves them into positions (2.3 s → 230 frames → 115 positions; 30 s → 3000 → 1500)."""
+    positions = math.ceil(round(max_seconds * WHISPER_FRAMES_PER_SECOND, 6) / 2)
+    return 2 * max(1, positions)
 
 
 def min_input_samples(conv_kernel: Sequence[int], conv_stride: Sequence[int]) -> int:

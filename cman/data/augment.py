@@ -58,6 +58,11 @@ class AudioAugment:
         self.cfg = cfg
 
     def __call__(self, features: Features) -> Features:
+        if "input_values" not in features:
+            raise ValueError(
+                f"data.audio_augment works on AST fbank or waveform features, not this audio encoder's "
+                f"{sorted(features)} (e.g. Whisper's log-mel): set data.audio_augment.enabled to false"
+            )
         values = features["input_values"]
         out = dict(features)
         out["input_values"] = self._spectrogram(values) if values.ndim == 2 else self._waveform(values)

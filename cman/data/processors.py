@@ -20,10 +20,11 @@ from transformers import (
     AutoTokenizer,
     ViTImageProcessorPil,
     Wav2Vec2FeatureExtractor,
+    WhisperFeatureExtractor,
 )
 
 from cman.config import EncoderConfig
-from cman.data.audio import decode_audio
+from cman.data.audio import decode_audio, whisper_window_frames
 from cman.data.image import decode_image
 from cman.data.text import clean_caption, train_tokenizer
 from cman.modality import Modality
@@ -67,6 +68,12 @@ class AudioProcessor:
         self.max_seconds = max_seconds
         self.sampling_rate = int(extractor.sampling_rate)
         self.spectrogram = isinstance(extractor, ASTFeatureExtractor)
+        self.whisper = isinstance(extractor, WhisperFeatureExtractor)
+        if self.whisper and normalize != "dataset":
+            raise ValueError(
+                f"model.audio.normalize: {normalize!r} is for AST spectrograms; Whisper's log-mel features are "
+                "normalised by its own feature extractor: remove normalize"
+            )
         if normalize not in ("dataset", "utterance"):
             raise ValueError(f"audio normalize must be 'dataset' or 'utterance', not {normalize!r}")
         self.normalize = normalize
@@ -75,6 +82,8 @@ class AudioProcessor:
         return decode_audio(source, self.sampling_rate, max_seconds=self.max_seconds, item_id=item_id)
 
     def features(self, raw: np.ndarray) -> Features:
+        if self.whisper:
+            return self._whisper_features(raw)
         out = self.extractor(raw, sampling_rate=self.sampling_rate, return_tensors="np")
         values = torch.from_numpy(np.asarray(out["input_values"][0], dtype=np.float32))
         # AST: (frames, mel_bins), padded by the extractor to max_length; waveform models: (samples,)
@@ -82,7 +91,29 @@ class AudioProcessor:
             values = utterance_normalize(values, fbank_frames(raw.shape[0], self.sampling_rate))
         return {"input_values": values}
 
+    def _whisper_features(self, raw: np.ndarray) -> Features:
+        """Whisper's 80-bin log-mel over a `max_seconds` window (not 30 s): the clip, then silence, as Whisper was
+        trained; `attention_mask` marks the clip's own frames, so pooling and fusion ignore the padding."""
+        frames = whisper_window_frames(self.max_seconds)
+        out = self.extractor(
+            raw,
+            sampling_rate=self.sampling_rate,
+            padding="max_length",
+            max_length=frames * self.extractor.hop_length,
+            truncation=True,
+            return_attention_mask=True,
+            return_tensors="np",
+        )
+        values = torch.from_numpy(np.asarray(out["input_features"][0], dtype=np.float32))  # (mel_bins, frames)
+        mask = torch.from_numpy(np.asarray(out["attention_mask"][0], dtype=np.int64))  # (frames,)
+        return {"input_features": values, "attention_mask": mask}
+
     def collate(self, items: list[Features]) -> Features:
+        if self.whisper:  # every clip is padded to the window already
+            return {
+                "input_features": torch.stack([i["input_features"] for i in items]),  # (batch, mel_bins, frames)
+                "attention_mask": torch.stack([i["attention_mask"] for i in items]),  # (batch, frames)
+            }
         values = [i["input_values"] for i in items]
         if self.spectrogram:
             return {"input_values": torch.stack(values)}  # (batch, frames, mel_bins)
@@ -159,6 +190,8 @@ def build_processor(modality: Modality, cfg: EncoderConfig, captions: list[str] 
     if modality == Modality.AUDIO:
         if source is not None:
             extractor = AutoFeatureExtractor.from_pretrained(source)
+        elif init["model_type"] == "whisper":
+            extractor = WhisperFeatureExtractor(feature_size=int(init.get("num_mel_bins", 80)))
         elif init["model_type"] == "audio-spectrogram-transformer":
             extractor = ASTFeatureExtractor(
                 num_mel_bins=int(init.get("num_mel_bins", 128)), max_length=int(init.get("max_length", 1024))

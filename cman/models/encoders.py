@@ -16,6 +16,8 @@ from cman.config import EncoderConfig, LoraSettings
 from cman.modality import Modality
 from cman.models.lora import add_lora, lora_targets
 from cman.models.stem import add_conv_stem, patch_grid
+from cman.models.whisper import MODEL_TYPE as WHISPER
+from cman.models.whisper import load_whisper_encoder, whisper_encoder_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ FINGERPRINT_KEYS = (
     "image_size",
     "num_mel_bins",
     "max_length",
+    "max_source_positions",
 )
 
 
@@ -80,7 +83,9 @@ def _file_sha256(path: Path) -> str:
 
 
 def load_backbone(cfg: EncoderConfig, vocab_size: int | None = None, source: str | None = None) -> nn.Module:
-    """Load `source` (a saved base) or `cfg.pretrained` with from_pretrained, or build `cfg.init` randomly."""
+    """Load `source` (a saved base) or `cfg.pretrained` with from_pretrained, or build `cfg.init` randomly.
+
+    A Whisper model loads as its encoder alone, its window cut to `cfg.max_seconds` (cman.models.whisper)."""
     kwargs = {"attn_implementation": "sdpa"}
     source = source or cfg.pretrained
     if source is not None and cfg.conv_stem:  # a saved random-init base whose patch projection is a conv stem
@@ -88,6 +93,8 @@ def load_backbone(cfg: EncoderConfig, vocab_size: int | None = None, source: str
         add_conv_stem(model, cfg.conv_stem)
         model.load_state_dict(load_file(str(Path(source, "model.safetensors"))))
         return model
+    if source is not None and AutoConfig.from_pretrained(source).model_type == WHISPER:  # its encoder only
+        return load_whisper_encoder(source, cfg.max_seconds, **kwargs)
     if source is not None:
         try:
             return AutoModel.from_pretrained(source, **kwargs)
@@ -98,6 +105,8 @@ def load_backbone(cfg: EncoderConfig, vocab_size: int | None = None, source: str
     if vocab_size is not None and model_type in ("roberta", "bert", "xlm-roberta"):
         init["vocab_size"] = vocab_size
     config = AutoConfig.for_model(model_type, **init)
+    if model_type == WHISPER:
+        return whisper_encoder_from_config(config, cfg.max_seconds)
     model = _init_zero_embeddings(AutoModel.from_config(config, **kwargs))
     if cfg.position_init == "sincos":
         _init_sincos_positions(model)

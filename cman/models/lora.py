@@ -1,7 +1,7 @@
 """LoRA target modules per HF architecture, and the peft wrapping of a backbone.
 
-transformers 5 names ViT/AST attention `q_proj/k_proj/v_proj/o_proj`, speech SSL models `q_proj/k_proj/v_proj/out_proj`,
-RoBERTa keeps `query/key/value`: the table below is the one place that knows it.
+transformers 5 names ViT/AST attention `q_proj/k_proj/v_proj/o_proj`, speech SSL models and Whisper's encoder
+`q_proj/k_proj/v_proj/out_proj`, RoBERTa keeps `query/key/value`: the table below is the one place that knows it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ LORA_TARGETS: dict[str, list[str]] = {
     "hubert": ["q_proj", "k_proj", "v_proj"],
     "wav2vec2": ["q_proj", "k_proj", "v_proj"],
     "wavlm": ["q_proj", "k_proj", "v_proj"],
+    "whisper": ["q_proj", "k_proj", "v_proj"],  # the encoder's self-attention (only the encoder is loaded)
 }
 _FALLBACK_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"))
 
