@@ -23,7 +23,10 @@ IMAGE_MAGIC = {
     "BMP": (b"BM",),
 }
 AUDIO_FORMATS = {"WAV", "FLAC", "OGG", "MP3"}  # libsndfile's names; its 20-odd others (AIFF, CAF, W64, ...) refused
-MAX_AUDIO_RATE_X_CHANNELS = 48_000 * 2  # stereo at 48 kHz: decoding cost is rate x channels x seconds
+# What decoding may cost, in samples (rate x channels x seconds, the seconds capped at max_audio_seconds): a minute
+# of 48 kHz stereo, 22 MiB as float32. 8 channels at 384 kHz for 10 s (30.7 M samples) is refused; 8 s of mono at
+# 384 kHz (3.1 M) is decoded and resampled.
+MAX_DECODED_SAMPLES = 48_000 * 2 * 60
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ async def read_upload(name: str, upload: UploadFile | None, limits: Limits) -> b
             check_audio_header(data, limits.max_audio_seconds)
         except DataError as err:
             raise _as_request_error(err, 415) from None
-        check_audio_format(data)
+        check_audio_format(data, limits.max_audio_seconds)
     else:
         check_image_format(data)
     return data
@@ -101,9 +104,9 @@ def check_image_format(data: bytes) -> str:
     raise RequestError(415, message + "; send one of those")
 
 
-def check_audio_format(data: bytes) -> str:
-    """The upload's audio format from its header; 415 unless WAV, FLAC, OGG (Vorbis/Opus) or MP3 at no more than
-    48 kHz stereo (a decoder's cost is rate x channels x seconds: 8 channels at 384 kHz is 32x that)."""
+def check_audio_format(data: bytes, max_seconds: float = 60.0) -> str:
+    """The upload's audio format from its header; 415 unless WAV, FLAC, OGG (Vorbis/Opus) or MP3 whose decoding
+    costs at most MAX_DECODED_SAMPLES (rate x channels x its seconds, capped at `max_seconds`)."""
     import io
 
     import soundfile as sf
@@ -114,9 +117,12 @@ def check_audio_format(data: bytes) -> str:
         raise RequestError(415, "audio upload could not be read; send WAV, FLAC, OGG or MP3") from None
     if info.format not in AUDIO_FORMATS:
         raise RequestError(415, f"audio upload is {info.format} ({info.format_info}); send WAV, FLAC, OGG or MP3")
-    if info.samplerate * info.channels > MAX_AUDIO_RATE_X_CHANNELS:
-        shape = f"{info.channels} channel(s) at {info.samplerate:,} Hz"
-        raise RequestError(415, f"audio upload is {shape}; send mono or stereo at 48 kHz or less")
+    seconds = min(max(info.frames, 0) / max(info.samplerate, 1), max_seconds)
+    if info.samplerate * info.channels * seconds > MAX_DECODED_SAMPLES:
+        shape = f"{info.channels} channel(s) at {info.samplerate:,} Hz for {seconds:.1f} s"
+        raise RequestError(
+            415, f"audio upload is {shape}, over {MAX_DECODED_SAMPLES:,} samples to decode; send mono or stereo audio"
+        )
     return info.format
 
 
