@@ -142,9 +142,14 @@ def test_ray_data_index_equals_single_process_and_resumes_after_a_kill(
             time.sleep(0.05)
         return points
 
-    (first,) = wait_paused(1)
-    (pause / first.name.replace(".paused", ".go")).touch()  # the first shard is written
-    wait_paused(2)  # the next one waits: the build is midway, whatever the box's speed
+    shards = lambda: list((sharded / "shards").glob("*/shard-*.npz"))  # noqa: E731
+    first = wait_paused(1)[0]  # modalities are embedded in parallel: more than one may wait already
+    (pause / first.name.replace(".paused", ".go")).touch()  # that one shard is written
+    deadline = time.monotonic() + 120
+    while not shards():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
+        time.sleep(0.05)
+    wait_paused(2)  # every other write waits: the build is midway, whatever the box's speed
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (sharded / "shards").glob("*/shard-*.npz")}
