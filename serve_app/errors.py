@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import re
-
-_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")  # e.g. PIL's "cannot identify image file <_io.BytesIO ...>"
-
-
-def scrub(message: str) -> str:
-    """`message` without object reprs and their memory addresses (they tell a client nothing, an attacker a little)."""
-    return _REPR.sub("the upload", message)
+from cman.data.errors import scrub_reprs as scrub  # no object reprs in what a client reads
 
 
 class RequestError(Exception):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from cman.data.errors import DataError, LimitError
+from cman.data.errors import DataError, LimitError, scrub_reprs
 
 MAX_PIXELS = 40_000_000  # a 40 MP photo is the largest we accept
 # What the service decodes from uploads (by content, whatever the client's content type says): never EPS/PS (Pillow
@@ -53,16 +53,9 @@ def decode_image(
         raise LimitError(f"{where} is too large: {err}", item_id=item_id, path=str(path) if path else None) from None
     except Exception as err:
         raise DataError(
-            f"{where} could not be decoded ({_plain(err)}); send a "
+            f"{where} could not be decoded ({scrub_reprs(str(err), 'the data')}); send a "
             + (", ".join(formats) if formats else "PNG, JPEG or other PIL-readable")
             + " image",
             item_id=item_id,
             path=str(path) if path else None,
         ) from None
-
-
-def _plain(err: Exception) -> str:
-    """The error's message without object reprs (PIL names the BytesIO it could not read, with its address)."""
-    import re
-
-    return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "the data", str(err))
