@@ -204,6 +204,11 @@ class DataConfig(_Section):
     balance_speakers: bool = Field(
         default=True, description="training batches balanced over speakers when items carry a `speaker` field"
     )
+    neighbour_batches: bool = Field(
+        default=False,
+        description="training batches of groups that differ in one attribute (groups like `small-blue-square-left`): "
+        "hard negatives for data whose groups are attribute combinations (cman.data.sampler.NeighbourGroupSampler)",
+    )
 
 
 class TrainingConfig(_Section):

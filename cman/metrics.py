@@ -226,6 +226,43 @@ def group_confusion(query: EmbeddingSet, gallery: EmbeddingSet) -> dict[str, dic
     return out
 
 
+def attribute_errors(
+    sets: Mapping[Modality, EmbeddingSet], attributes: Sequence[str], separator: str = "-"
+) -> dict[str, dict[str, int]]:
+    """Top-1 errors by attribute, per direction, for groups that are attribute values joined by `separator`.
+
+    A group such as ``"small-blue-square-right"`` with ``attributes=("size", "colour", "shape", "position")``: per
+    direction, ``{"n": queries, "wrong": top-1 results not in the query's group, <attribute>: top-1 results whose
+    value of that attribute differs from the query's, ...}`` (a result wrong in two attributes counts in both).
+    Sets are deduplicated and ranked as in :func:`evaluate_embeddings`.
+    """
+    deduped = {Modality(m): dedupe(es) for m, es in sets.items() if es is not None and len(es)}
+    table: dict[str, dict[str, int]] = {}
+    for name in DIRECTIONS:
+        src, dst = _parse_direction(name)
+        if src not in deduped or dst not in deduped:
+            continue
+        row = {"n": 0, "wrong": 0, **{a: 0 for a in attributes}}
+        for group, stats in group_confusion(deduped[src], deduped[dst]).items():
+            want = _split_group(group, attributes, separator)
+            row["n"] += stats["n"]
+            for got, count in stats["top1"].items():
+                if got == group:
+                    continue
+                row["wrong"] += count
+                for attribute, a, b in zip(attributes, want, _split_group(got, attributes, separator), strict=True):
+                    row[attribute] += count * (a != b)
+        table[name] = row
+    return table
+
+
+def _split_group(group: str, attributes: Sequence[str], separator: str) -> list[str]:
+    parts = group.split(separator)
+    if len(parts) != len(attributes):
+        raise ValueError(f"group {group!r} does not have {len(attributes)} {separator!r}-separated attributes")
+    return parts
+
+
 def _parse_direction(name: str) -> tuple[Modality, Modality]:
     src, dst = name.split("->")
     return Modality(src), Modality(dst)

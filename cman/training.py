@@ -26,7 +26,7 @@ from cman.config import CMANConfig
 from cman.data.augment import build_augment
 from cman.data.cache import FeatureCache, fit_audio_length
 from cman.data.dataset import CMANDataset, Collator, Item, load_split
-from cman.data.sampler import speaker_sampler
+from cman.data.sampler import neighbour_sampler, speaker_sampler
 from cman.losses import CMANLoss
 from cman.metrics import VAL_METRIC, EmbeddingSet, evaluate_embeddings, format_table
 from cman.modality import Modality
@@ -84,9 +84,11 @@ def make_loader(
         augment=augment,
     )
     generator = torch.Generator().manual_seed(config.training.seed)
+    size = batch_size or (config.training.batch_size if train else config.training.eval_batch_size)
+    if train and sampler is None and config.data.neighbour_batches:
+        sampler = neighbour_sampler(items, size, generator)  # None unless some groups differ in one attribute
     if train and sampler is None and config.data.balance_speakers:
         sampler = speaker_sampler(items, generator)  # None unless the items name several speakers
-    size = batch_size or (config.training.batch_size if train else config.training.eval_batch_size)
     return DataLoader(
         dataset,
         batch_size=size,

@@ -17,7 +17,7 @@ from cman.config import AudioAugmentConfig, ImageAugmentConfig
 from cman.data.augment import AudioAugment, ImageAugment, real_length
 from cman.data.dataset import load_split
 from cman.data.processors import AudioProcessor, fbank_frames, utterance_normalize
-from cman.data.sampler import SpeakerBalancedSampler, speaker_sampler
+from cman.data.sampler import NeighbourGroupSampler, SpeakerBalancedSampler, neighbour_sampler, speaker_sampler
 from cman.engine import make_loader
 from cman.models.cman import build_model
 
@@ -109,6 +109,25 @@ def test_speaker_sampler_balances_every_batch() -> None:
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     assert list(SpeakerBalancedSampler(speakers, g1)) == list(SpeakerBalancedSampler(speakers, g2))
     assert speaker_sampler([type("I", (), {"speaker": "a"})()] * 3) is None  # one speaker: plain shuffling
+
+
+def test_neighbour_sampler_puts_one_attribute_neighbours_in_each_batch() -> None:
+    """Every batch is anchors followed by their one-attribute neighbours; an epoch has one index per item."""
+    import itertools
+
+    groups = ["-".join(g) for g in itertools.product("sl", "rgb", "ab") for _ in range(3)]  # 12 groups x 3 items
+    sampler = NeighbourGroupSampler(groups, batch_size=8, generator=torch.Generator().manual_seed(0))
+    assert sorted(sampler.neighbours["s-r-a"]) == ["l-r-a", "s-b-a", "s-g-a", "s-r-b"]
+    order = list(sampler)
+    assert len(order) == len(groups)
+    for start in range(0, len(order) - 8, 8):  # batches of 8: no group twice; the first one's 4 neighbours in it
+        batch = [groups[i] for i in order[start : start + 8]]
+        assert len(set(batch)) == 8
+        assert set(sampler.neighbours[batch[0]]) <= set(batch[1:5])
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert list(NeighbourGroupSampler(groups, 8, generator=g1)) == list(NeighbourGroupSampler(groups, 8, generator=g2))
+    unrelated = [type("I", (), {"group": f"id:{k}"})() for k in range(4)]
+    assert neighbour_sampler(unrelated, 2) is None  # no structure: plain shuffling
 
 
 def test_loader_augments_training_only_and_stays_reproducible_without(demo_root: Path) -> None:

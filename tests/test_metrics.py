@@ -11,6 +11,7 @@ from cman import metrics
 from cman.metrics import (
     DIRECTIONS,
     EmbeddingSet,
+    attribute_errors,
     dedupe,
     direction_metrics,
     evaluate_embeddings,
@@ -256,3 +257,17 @@ def test_group_confusion_names_what_each_group_is_taken_for() -> None:
     tie = EmbeddingSet(["a", "b"], ["x", "y"], _angles([0, 0]))  # equal scores: the lower gallery index wins
     assert group_confusion(EmbeddingSet(["q"], ["y"], _angles([0])), tie)["y"]["top1"] == {"x": 1}
     assert group_confusion(query, EmbeddingSet([], [], np.zeros((0, 2), np.float32))) == {}
+
+
+def test_attribute_errors_count_what_each_wrong_top1_got_wrong() -> None:
+    """Groups as attribute tuples: a wrong top-1 result counts under every attribute it differs in."""
+    text = EmbeddingSet(["t0", "t1", "t2"], ["big-red", "big-blue", "small-red"], _angles([0, 90, 180]))
+    image = EmbeddingSet(
+        ["i0", "i1", "i2"], ["big-red", "small-blue", "big-blue"], _angles([0, 92, 178])
+    )  # t1 -> small-blue (size wrong), t2 -> big-blue (both wrong)
+    table = attribute_errors({Modality.TEXT: text, Modality.IMAGE: image}, ("size", "colour"))
+    assert table["text->image"] == {"n": 3, "wrong": 2, "size": 2, "colour": 1}
+    assert table["image->text"] == {"n": 3, "wrong": 2, "size": 2, "colour": 1}
+    assert set(table) == {"text->image", "image->text"}
+    with pytest.raises(ValueError, match="does not have 3"):
+        attribute_errors({Modality.TEXT: text, Modality.IMAGE: image}, ("size", "colour", "shape"))
