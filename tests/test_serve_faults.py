@@ -23,7 +23,8 @@ import soundfile as sf
 from conftest import SERVE_APP
 from serve_util import wav
 
-from cman.index import GalleryIndex
+from cman.gallery_mirror import open_gallery
+from cman.modality import Modality
 
 pytestmark = pytest.mark.ray
 
@@ -54,7 +55,7 @@ def wait_replaced(deployment: str, old: int, timeout_s: float = 90.0) -> int:
 
 
 def _queries(index_dir: Path) -> list[tuple[dict, dict]]:
-    index = GalleryIndex.load(index_dir / "image")
+    index = open_gallery(index_dir)[Modality.IMAGE]
     record = index.get(index.ids[0])
     image, audio = Path(record["image_path"]).read_bytes(), Path(record["audio_path"]).read_bytes()
     return [
@@ -87,14 +88,24 @@ async def _load(url: str, queries: list[tuple[dict, dict]], kills: tuple[str, ..
             assert time.monotonic() - start < LOAD_TIMEOUT_S, f"{len(outcomes)} answers in {LOAD_TIMEOUT_S:.0f} s"
             await asyncio.sleep(0.05)
 
+    async def kill(deployment: str) -> None:
+        await answered(len(outcomes) + STEADY)
+        (pid,) = replica_pids(deployment)
+        os.kill(pid, signal.SIGKILL)
+        killed[deployment] = pid
+        replaced[deployment] = await asyncio.to_thread(wait_replaced, deployment, pid)
+
     async def killer() -> None:
         try:
             for deployment in kills:
-                await answered(len(outcomes) + STEADY)
-                (pid,) = replica_pids(deployment)
-                os.kill(pid, signal.SIGKILL)
-                killed[deployment] = pid
-                replaced[deployment] = await asyncio.to_thread(wait_replaced, deployment, pid)
+                await kill(deployment)
+            # A kill interrupts only the requests in flight at that replica at that instant: on a busy box both
+            # kills can land between requests (0 retried in a full-suite run, 2026-12-07). Kill the last one again,
+            # at most twice more, until the retry path was taken, so that the test always exercises it.
+            for _ in range(2):
+                if any(retried for _, retried, _ in outcomes):
+                    break
+                await kill(kills[-1])
             await answered(len(outcomes) + STEADY)
         finally:
             done.set()
