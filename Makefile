@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[ray,dev]"
 	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) \
 		|| echo "warning: could not install Debian's chromium (needed by tests/test_demo_page.py)"
+	(command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1) \
+		|| (apt-get update -qq && apt-get install -y -qq postgresql) \
+		|| echo "warning: could not install Debian's postgresql (the gallery store's PostgreSQL tests need it)"
+	command -v cc >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq gcc) \
+		|| echo "warning: could not install gcc (tests/test_gallery_store.py builds an fsync-failing shim with it)"
 	touch $(STAMP)
 
 demo: install

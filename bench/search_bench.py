@@ -2,13 +2,11 @@
 
     python bench/search_bench.py --n 1000000 --dim 512                       # clustered synthetic vectors
     python bench/search_bench.py --n 1000000 --real-index INDEX_DIR          # real CMAN embeddings + noise
-    python bench/search_bench.py --add-cost --sizes 1000 100000 1000000      # time per durable online add
 
 Per index: build time (train + add), memory (RSS growth of this process while the index is built, and the
 index's own size written to disk), queries/s at batch 1 and 32, and recall@10 against exact search (the flat
 index's answers for the same queries). Writes JSON (stdout and `--out`) and, unless `--no-plot`, a recall-vs-QPS
-plot next to it. `--add-cost` times `GalleryStore.add` (WAL append + fsync + in-memory add, what `POST /items` does
-after embedding) on galleries of each size.
+plot next to it. The cost of online adds is measured by bench/gallery_store_bench.py.
 """
 
 from __future__ import annotations
@@ -69,7 +67,7 @@ def replicated(base: np.ndarray, n: int, spread: float, seed: int) -> np.ndarray
 
 def real_vectors(index_dir: str) -> np.ndarray:
     """Every vector of every modality of an index directory written by `cman index` (real CMAN embeddings)."""
-    from cman.index import open_gallery
+    from cman.gallery_mirror import open_gallery
 
     gallery = open_gallery(index_dir)
     return np.concatenate([g.vectors() for g in gallery.values()]).astype(np.float32)
@@ -186,41 +184,6 @@ def default_specs(n: int) -> list[dict]:
     ]
 
 
-def add_cost(sizes: list[int], dim: int, adds: int) -> list[dict]:
-    """Seconds per `GalleryStore.add` (WAL fsync + in-memory add) with a gallery of each size already loaded."""
-    from cman.index import GalleryIndex
-    from serve_app.gallery_store import GalleryStore
-
-    rows = []
-    for size in sizes:
-        with tempfile.TemporaryDirectory(dir=RESULTS) as tmp:
-            index = GalleryIndex(dim, kind="flat")
-            data = clustered(size, dim, 256, 0.5, seed=size)
-            for start in range(0, size, 100_000):
-                stop = min(size, start + 100_000)
-                index.add(data[start:stop], [{"id": f"g{i}"} for i in range(start, stop)])
-            del data
-            store = GalleryStore(tmp, {"image": index}, compact_every=10**9)
-            new = clustered(adds, dim, 4, 0.5, seed=1)
-            times = []
-            for i in range(adds):
-                start = time.perf_counter()
-                store.add({"image": new[i]}, {"id": f"new{i}", "caption": f"added {i}"})
-                times.append(time.perf_counter() - start)
-            store.close()
-            row = {
-                "gallery_size": size,
-                "adds": adds,
-                "median_ms": round(1000 * float(np.median(times)), 3),
-                "p90_ms": round(1000 * float(np.percentile(times, 90)), 3),
-            }
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            del index, store
-            gc.collect()
-    return rows
-
-
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -254,9 +217,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", nargs="+", default=["ivf_flat", "ivf_sq8", "hnsw"], help="ANN indexes to run")
     p.add_argument("--time-budget", type=float, default=8.0, help="seconds per QPS measurement at most")
     p.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (0: faiss default)")
-    p.add_argument("--add-cost", action="store_true", help="time durable online adds instead of searches")
-    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 100_000, 1_000_000], help="--add-cost sizes")
-    p.add_argument("--adds", type=int, default=200, help="--add-cost: adds timed per size")
     p.add_argument("--out", help="JSON path (default bench/results/search_<n>_<time>.json)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
@@ -270,27 +230,23 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_start": os.getloadavg(),
     }
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    if args.add_cost:
-        out = {**meta, "add_cost": add_cost(args.sizes, args.dim, args.adds)}
-        path = Path(args.out or RESULTS / f"add_cost_{stamp}.json")
-    else:
-        results = []
-        rng = np.random.default_rng(123)
-        if not args.no_synthetic:
-            data = clustered(args.n + args.queries, args.dim, args.clusters, args.spread, seed=0)
-            queries, data = data[: args.queries].copy(), data[args.queries :]
-            results.append(run_dataset("clustered synthetic", data, queries, specs(args.n, args.kinds), args))
-            del data
-        if args.real_index:
-            base = real_vectors(args.real_index)
-            data = replicated(base, args.n, args.spread, seed=1)
-            queries = replicated(base[rng.permutation(len(base))], args.queries, args.spread, seed=2)
-            name = f"real CMAN embeddings ({len(base)}) + noise"
-            results.append(run_dataset(name, data, queries, specs(args.n, args.kinds), args))
-        out = {**meta, "results": results}
-        path = Path(args.out or RESULTS / f"search_{args.n}_{stamp}.json")
-        if not args.no_plot and results:
-            plot(results, path.with_suffix(".png"))
+    results = []
+    rng = np.random.default_rng(123)
+    if not args.no_synthetic:
+        data = clustered(args.n + args.queries, args.dim, args.clusters, args.spread, seed=0)
+        queries, data = data[: args.queries].copy(), data[args.queries :]
+        results.append(run_dataset("clustered synthetic", data, queries, specs(args.n, args.kinds), args))
+        del data
+    if args.real_index:
+        base = real_vectors(args.real_index)
+        data = replicated(base, args.n, args.spread, seed=1)
+        queries = replicated(base[rng.permutation(len(base))], args.queries, args.spread, seed=2)
+        name = f"real CMAN embeddings ({len(base)}) + noise"
+        results.append(run_dataset(name, data, queries, specs(args.n, args.kinds), args))
+    out = {**meta, "results": results}
+    path = Path(args.out or RESULTS / f"search_{args.n}_{stamp}.json")
+    if not args.no_plot and results:
+        plot(results, path.with_suffix(".png"))
     out["load_avg_end"] = os.getloadavg()
     path.write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))

@@ -46,7 +46,7 @@ def tiny_model(work: Path) -> tuple[Path, Path]:
 
 def queries(index_dir: Path, kind: str) -> list[dict[str, Any]]:
     """Form data + files for `kind` queries, taken from the gallery items (captions / image files)."""
-    from cman.index import open_gallery
+    from cman.gallery_mirror import open_gallery
     from cman.modality import Modality
 
     records = open_gallery(index_dir)[Modality.TEXT].records()

@@ -214,7 +214,7 @@ def embed(
 
 # ---- in-process gallery search -------------------------------------------------------------------------------------
 class Gallery:
-    """The gallery indexes of an index directory (`cman index --out DIR`: DIR/<modality>/), searched in-process.
+    """The gallery of an index directory (`cman index --out DIR`: its store DIR/gallery.db), searched in-process.
 
     `search` returns what the HTTP service's `/search` returns in `results` (id, score, caption), with local media
     paths (`image_path`, `audio_path`) in place of URLs.
@@ -229,12 +229,12 @@ class Gallery:
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"index directory {directory} not found; build it with `cman index --out DIR`")
-        from cman.index import open_gallery  # snapshots + write-ahead log: what the Retriever serves
+        from cman.gallery_mirror import open_gallery  # the gallery store, as a Retriever replica loads it
 
         indexes = {m.value: index for m, index in open_gallery(directory).items()}
         if not indexes:
             names = ", ".join(m.value for m in ALL_MODALITIES)
-            raise FileNotFoundError(f"{directory} holds no gallery index (no {names} subdirectory)")
+            raise FileNotFoundError(f"{directory} holds a gallery without {names} vectors; build it with `cman index`")
         return cls(indexes, directory)
 
     @property

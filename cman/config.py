@@ -328,8 +328,15 @@ class ServeConfig(_Section):
     encoder_replicas: int = Field(default=1, ge=1, description="replicas per encoder (without autoscaling)")
     encoder_autoscaling: Autoscaling | None = Field(default=None, description="autoscale encoders instead")
     retriever_replicas: int = Field(default=1, ge=1, description="Retriever replicas sharing one index directory")
-    gallery_sync_s: float = Field(default=0.5, gt=0, description="replicas read each other's adds this often")
-    gallery_compact_every: int = Field(default=1000, ge=1, description="adds between snapshot compactions")
+    gallery_store: str | None = Field(
+        default=None,
+        description="the gallery's database: sqlite:///<path> (one node; default: sqlite:///INDEX_DIR/gallery.db) "
+        "or postgresql://user@host:port/db (replicas on several nodes)",
+    )
+    gallery_sync_s: float = Field(default=0.5, gt=0, description="replicas read each other's changes this often")
+    gallery_compact_every: int = Field(
+        default=1000, ge=1, exclude=True, description="ignored (there is no log to compact); earlier configs load"
+    )
     index_shard_size: int = Field(default=4096, ge=1, description="cman index: items per shard (resume unit)")
     index_batch_size: int = Field(default=64, ge=1, description="cman index: items per Ray Data batch")
     index_actors: int = Field(default=1, ge=1, description="cman index: encoder actors per modality")
@@ -350,6 +357,17 @@ class ServeConfig(_Section):
     )
     max_queued_requests: int = Field(default=64, ge=1, description="per deployment; more waiting → 503")
     health_check_period_s: float = Field(default=10.0, gt=0, description="Serve calls check_health this often")
+
+    @field_validator("gallery_store")
+    @classmethod
+    def _gallery_store_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(sqlite:///.+|postgresql(\+psycopg)?://.+)", v):
+            raise ValueError(
+                f"{v!r} is not a gallery store URL: use sqlite:///<path> (sqlite:////abs/gallery.db) or "
+                "postgresql://user@host:port/db (the password in PGPASSWORD or ~/.pgpass, not in the URL), or leave "
+                "it unset for INDEX_DIR/gallery.db"
+            )
+        return v
 
 
 class MlflowConfig(_Section):

@@ -8,11 +8,11 @@ Vectors are L2-normalised float32 embeddings; the metric is inner product (= cos
   holds at least ``39 * nlist`` vectors (faiss' own minimum for a sound k-means); the add that crosses that size
   trains the IVF on every vector held and moves them over. Searches probe ``nprobe`` lists.
 
-Faiss labels are positions in a parallel list of item records (``{"id", "caption"?, "image_path"?, ...}``).
-On disk (``save``/``load``) a directory holds versions ``v-<n>/`` (``index.faiss``, ``items.json``, ``index.json``
-with dim, kind, count and checksums) and a symlink ``CURRENT`` switched to a new version by one rename. A gallery
-directory (``open_gallery``) holds one such index per modality, ``wal/`` (adds since the snapshots, see
-``cman.gallery_log``) and ``media/`` (files of added items).
+Every vector carries an int64 *label* (faiss ids): the gallery store's sequence number of the item's add (see
+``cman.gallery_db``), or a running counter. ``remove`` takes items out (flat and IVF at once; HNSW, which cannot
+remove, hides them from results until the index is rebuilt). This index is a replica's in-memory search structure;
+the items themselves live in the gallery store. ``save`` / ``load`` write and read one snapshot file (the cache a
+replica starts from, tagged with the store sequence it covers), replaced whole by one rename.
 """
 
 from __future__ import annotations
@@ -21,32 +21,26 @@ import copy
 import hashlib
 import json
 import os
-import shutil
+import struct
 import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, BinaryIO, get_args
 
 import faiss
 import numpy as np
 
 from cman.config import IndexKind
-from cman.fsutil import fsync_dir, fsync_file
-from cman.modality import Modality
+from cman.fsutil import fsync_dir
 
 INDEX_KINDS = get_args(IndexKind)  # the allowed values are written once, in cman.config
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 IVF_MIN_POINTS_PER_LIST = 39
-INDEX_FILE, ITEMS_FILE, META_FILE, CURRENT = "index.faiss", "items.json", "index.json", "CURRENT"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# snapshot file: MAGIC, u64 + header JSON (dim, kind, parameters, count, tag), u64 + JSON {labels, items}, the faiss
+# index, u64 faiss length, SHA-256 of all before it
+MAGIC = b"CMANGIX2"
+PARAM_NAMES = ("kind", "nlist", "hnsw_m", "nprobe", "ef_search", "ef_construction")
 
 
 class GalleryIndex:
@@ -71,31 +65,29 @@ class GalleryIndex:
                 f"index parameters out of range: nlist={nlist} (>=1), hnsw_m={hnsw_m} (>=2), nprobe={nprobe} (>=1), "
                 f"ef_search={ef_search} (>=1), ef_construction={ef_construction} (>=1)"
             )
-        self.dim, self.kind, self.nlist, self.hnsw_m = (
-            int(dim),
-            kind,
-            int(nlist),
-            int(hnsw_m),
-        )
-        self.nprobe, self.ef_search, self.ef_construction = (
-            int(nprobe),
-            int(ef_search),
-            int(ef_construction),
-        )
-        self._items: list[dict[str, Any]] = []
-        self._pos: dict[str, int] = {}
+        self.dim, self.kind, self.nlist, self.hnsw_m = int(dim), kind, int(nlist), int(hnsw_m)
+        self.nprobe, self.ef_search, self.ef_construction = int(nprobe), int(ef_search), int(ef_construction)
+        self._items: dict[int, dict[str, Any]] = {}  # label -> record, in insertion order
+        self._pos: dict[str, int] = {}  # id -> label
+        self._hidden: set[int] = set()  # hnsw: removed labels still in the graph, filtered out of results
+        self._next_label = 0
         self._lock = threading.RLock()
         self._index = self._empty_index()
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The constructor's keyword arguments but ``dim`` (what a rebuild of the same kind needs)."""
+        return {name: getattr(self, name) for name in PARAM_NAMES}
 
     # ----------------------------------------------------------------- construction
     def _empty_index(self) -> faiss.Index:
         if self.kind == "hnsw":
-            index = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = self.ef_construction
-            index.hnsw.efSearch = self.ef_search
-            return index
-        # ivf starts flat until it has enough vectors to train
-        return faiss.IndexFlatIP(self.dim)
+            inner = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            inner.hnsw.efConstruction = self.ef_construction
+            inner.hnsw.efSearch = self.ef_search
+        else:  # ivf starts flat until it has enough vectors to train
+            inner = faiss.IndexFlatIP(self.dim)
+        return faiss.IndexIDMap(inner)
 
     @property
     def ivf_min_size(self) -> int:
@@ -106,16 +98,36 @@ class GalleryIndex:
     def is_trained_ivf(self) -> bool:
         return isinstance(self._index, faiss.IndexIVF)
 
+    @property
+    def hidden_count(self) -> int:
+        """Removed items whose vectors the index still holds (searches skip them)."""
+        return len(self._hidden)
+
     def _maybe_switch_to_ivf(self) -> None:
-        if self.kind != "ivf" or self.is_trained_ivf or self._index.ntotal < self.ivf_min_size:
+        if self.kind != "ivf" or self.is_trained_ivf or len(self._items) < self.ivf_min_size:
             return
-        vectors = self._index.reconstruct_n(0, self._index.ntotal)  # (n, dim)
+        labels, vectors = self._labelled_vectors()  # (n,), (n, dim)
         quantizer = faiss.IndexFlatIP(self.dim)
         ivf = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
         ivf.train(vectors)
-        ivf.add(vectors)
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct and remove by label
+        ivf.add_with_ids(vectors, labels)
         ivf.nprobe = self.nprobe
         self._index = ivf
+        self._hidden.clear()  # the IVF holds live vectors only
+
+    def _labelled_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, vectors) of every live item, in faiss' storage order. # (n,), (n, dim)"""
+        if self.is_trained_ivf:
+            labels = np.fromiter(self._items, dtype=np.int64, count=len(self._items))
+            return labels, self._index.reconstruct_batch(labels) if len(labels) else np.zeros((0, self.dim), "f4")
+        inner = faiss.downcast_index(self._index.index)
+        labels = faiss.vector_to_array(self._index.id_map)
+        vectors = inner.reconstruct_n(0, inner.ntotal) if inner.ntotal else np.zeros((0, self.dim), "f4")
+        if self._hidden:
+            live = ~np.isin(labels, np.fromiter(self._hidden, dtype=np.int64))
+            labels, vectors = labels[live], vectors[live]
+        return labels, vectors
 
     # ----------------------------------------------------------------- validation
     def _as_matrix(self, x: np.ndarray, what: str) -> np.ndarray:
@@ -141,19 +153,63 @@ class GalleryIndex:
             ids[item_id] = None
         return list(ids)
 
+    def _check_labels(self, labels: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
+        if labels is None:
+            return np.arange(self._next_label, self._next_label + n, dtype=np.int64)
+        out = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(out) != n or len(set(out.tolist())) != n:
+            raise ValueError(f"add() needs {n} distinct labels, got {len(out)}")
+        taken = [int(label) for label in out if int(label) in self._items or int(label) in self._hidden]
+        if taken:
+            raise ValueError(f"label {taken[0]} is already used in this index")
+        return out
+
     # ----------------------------------------------------------------- public API
-    def add(self, embeddings: np.ndarray, items: Sequence[dict[str, Any]]) -> None:
-        """Add vectors and their item records. embeddings: # (n, dim) L2-normalised; items: n dicts with "id"."""
+    def add(
+        self,
+        embeddings: np.ndarray,
+        items: Sequence[dict[str, Any]],
+        labels: Sequence[int] | np.ndarray | None = None,
+        *,
+        copy_items: bool = True,
+    ) -> None:
+        """Add vectors and their item records. embeddings: # (n, dim) L2-normalised; items: n dicts with "id";
+        labels: n distinct int64 faiss ids (default: a running counter). ``copy_items=False`` keeps the dicts
+        themselves (for callers that made them for this index)."""
         vectors = self._as_matrix(embeddings, "embeddings")
         with self._lock:
             ids = self._check_items(items, vectors.shape[0])
             if not ids:
                 return
-            self._index.add(vectors)
-            for item_id, item in zip(ids, items, strict=True):
-                self._pos[item_id] = len(self._items)
-                self._items.append(copy.deepcopy(dict(item)))
+            checked = self._check_labels(labels, len(ids))
+            self._index.add_with_ids(vectors, checked)
+            for item_id, item, label in zip(ids, items, checked.tolist(), strict=True):
+                self._pos[item_id] = label
+                self._items[label] = copy.deepcopy(dict(item)) if copy_items else item
+            self._next_label = max(self._next_label, int(checked.max()) + 1)
             self._maybe_switch_to_ivf()
+
+    def remove(self, ids: Sequence[str]) -> int:
+        """Take the items with these ids out of the index (unknown ids are ignored); returns how many were held.
+
+        Their vectors are hidden at once (searches skip them) and dropped in batches (one pass over a flat or IVF
+        index per 1 % of its size removed; faiss' HNSW cannot drop vectors: a rebuild does, see ``hidden_count``).
+        """
+        with self._lock:
+            labels = [self._pos.pop(str(i)) for i in dict.fromkeys(ids) if str(i) in self._pos]
+            for label in labels:
+                del self._items[label]
+            self._hidden.update(labels)
+            if len(self._hidden) >= max(32, len(self._items) // 100):
+                self.compact()
+            return len(labels)
+
+    def compact(self) -> None:
+        """Drop the vectors of removed items from a flat or IVF index (HNSW keeps them hidden until rebuilt)."""
+        with self._lock:
+            if self._hidden and self.kind != "hnsw":
+                self._index.remove_ids(np.fromiter(self._hidden, dtype=np.int64, count=len(self._hidden)))
+                self._hidden.clear()
 
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[dict[str, Any], float]]]:
         """Top-``k`` items per query, best first. queries: # (m, dim). ``k`` is clipped to the index size."""
@@ -164,10 +220,15 @@ class GalleryIndex:
             k = min(int(k), len(self._items))
             if k == 0:
                 return [[] for _ in range(q.shape[0])]
-            scores, labels = self._index.search(q, k)  # (m, k), (m, k)
+            fetch = min(k + len(self._hidden), self._index.ntotal)
+            scores, labels = self._index.search(q, fetch)  # (m, fetch), (m, fetch)
             return [
-                [(copy.deepcopy(self._items[j]), float(s)) for j, s in zip(row_l, row_s, strict=True) if j >= 0]
-                for row_l, row_s in zip(labels, scores, strict=True)
+                [
+                    (copy.deepcopy(self._items[j]), float(s))
+                    for j, s in zip(row_l, row_s, strict=True)
+                    if j in self._items
+                ][:k]
+                for row_l, row_s in zip(labels.tolist(), scores.tolist(), strict=True)
             ]
 
     def __len__(self) -> int:
@@ -175,12 +236,18 @@ class GalleryIndex:
 
     @property
     def ids(self) -> list[str]:
-        return [str(item["id"]) for item in self._items]
+        with self._lock:
+            return [str(item["id"]) for item in self._items.values()]
 
     def get(self, item_id: str) -> dict[str, Any] | None:
         """The item record with this id, or None."""
-        pos = self._pos.get(str(item_id))
-        return None if pos is None else copy.deepcopy(self._items[pos])
+        with self._lock:
+            label = self._pos.get(str(item_id))
+            return None if label is None else copy.deepcopy(self._items[label])
+
+    def label(self, item_id: str) -> int | None:
+        """The faiss label of the item with this id, or None."""
+        return self._pos.get(str(item_id))
 
     def __contains__(self, item_id: object) -> bool:
         return str(item_id) in self._pos
@@ -188,169 +255,167 @@ class GalleryIndex:
     def vectors(self) -> np.ndarray:
         """Every stored vector, in insertion order (row i belongs to ``records()[i]``). # (n, dim)"""
         with self._lock:
-            if self.is_trained_ivf:
-                self._index.make_direct_map()
-            return self._index.reconstruct_n(0, self._index.ntotal) if len(self) else np.zeros((0, self.dim), "f4")
+            labels, vectors = self._labelled_vectors()
+            row = {label: i for i, label in enumerate(labels.tolist())}
+            return vectors[[row[label] for label in self._items]] if len(self._items) else vectors
 
     def records(self) -> list[dict[str, Any]]:
         """Copies of every item record, in insertion order."""
         with self._lock:
-            return copy.deepcopy(self._items)
+            return copy.deepcopy(list(self._items.values()))
 
     # ----------------------------------------------------------------- persistence
-    def _meta(self) -> dict[str, Any]:
-        return {
-            "version": FORMAT_VERSION,
-            "dim": self.dim,
-            "kind": self.kind,
-            "count": len(self._items),
-            "nlist": self.nlist,
-            "hnsw_m": self.hnsw_m,
-            "nprobe": self.nprobe,
-            "ef_search": self.ef_search,
-            "ef_construction": self.ef_construction,
-        }
+    def save(self, path: str | os.PathLike[str], tag: dict[str, Any] | None = None) -> None:
+        """Write the index to the single file ``path`` (see :meth:`frozen`, :func:`write_snapshot`)."""
+        write_snapshot(self.frozen(tag), path)
 
-    def _frozen(self) -> tuple[faiss.Index, str, dict[str, Any]]:
-        """A consistent copy (faiss clone, items JSON, meta), taken under the lock; searches wait only for the copy."""
+    def frozen(self, tag: dict[str, Any] | None = None) -> tuple[bytes, bytes, faiss.Index]:
+        """A consistent copy to write as a snapshot: (header JSON, labels + records JSON, faiss clone); adds and
+        searches wait only for the copy. ``tag`` (JSON, in the small header) travels with it: the gallery store's id
+        and the change sequence the snapshot covers."""
         with self._lock:
+            self.compact()
             try:
-                items_text = json.dumps(self._items, ensure_ascii=False)
+                header = json.dumps({**self._meta(), "tag": tag or {}}).encode("utf-8")
+                body = {"labels": list(self._items), "items": list(self._items.values())}
+                text = json.dumps(body, ensure_ascii=False).encode("utf-8")
             except (TypeError, ValueError) as err:
-                raise ValueError(f"item records must be JSON-serialisable to save the index ({err})") from err
-            return faiss.clone_index(self._index), items_text, self._meta()
+                raise ValueError(f"item records must be JSON-serialisable to save the index ({err})") from None
+            return header, text, faiss.clone_index(self._index)
 
-    def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write the index into a new version directory under ``directory`` and switch ``CURRENT`` to it.
-
-        The version (``index.faiss``, ``items.json``, ``index.json`` with checksums) is written and fsynced in full
-        under a temporary name, renamed to ``v-<n>``, and then the symlink ``directory/CURRENT`` is replaced by one
-        ``os.replace``: a reader sees the old version or the new one, never a mix. Older versions are removed after
-        the switch. A failure before the switch (e.g. an item that is not JSON-serialisable) changes nothing.
-        """
-        directory = Path(directory)
-        try:
-            index, items_text, meta = self._frozen()
-        except ValueError as err:
-            raise ValueError(f"cannot save index to {directory}: {err}") from None
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-v-", dir=directory))
-        try:
-            faiss.write_index(index, str(tmp / INDEX_FILE))
-            fsync_file(tmp / INDEX_FILE)
-            _write_synced(tmp / ITEMS_FILE, items_text)
-            meta["sha256"] = {INDEX_FILE: _sha256(tmp / INDEX_FILE), ITEMS_FILE: _sha256(tmp / ITEMS_FILE)}
-            _write_synced(tmp / META_FILE, json.dumps(meta, indent=2))
-            fsync_dir(tmp)
-            version = directory / f"v-{_next_version(directory)}"
-            os.rename(tmp, version)
-            switch_symlink(directory / CURRENT, version.name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for old in directory.iterdir():  # superseded versions and files of the pre-versioned layout
-            if old.name != version.name and old.name != CURRENT and not old.name.startswith(".tmp-"):
-                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink(missing_ok=True)
+    def _meta(self) -> dict[str, Any]:
+        return {"version": FORMAT_VERSION, "dim": self.dim, **self.params, "count": len(self._items)}
 
     @staticmethod
-    def current_path(directory: str | os.PathLike[str]) -> Path:
-        """The directory holding the files of the index saved at ``directory`` (its current version)."""
-        directory = Path(directory)
-        link = directory / CURRENT
-        if link.is_symlink() or link.exists():
-            return directory / os.readlink(link)
-        return directory  # an index saved before versioned directories
-
-    @staticmethod
-    def exists(directory: str | os.PathLike[str]) -> bool:
-        return (GalleryIndex.current_path(directory) / META_FILE).is_file()
+    def read_tag(path: str | os.PathLike[str]) -> dict[str, Any]:
+        """The ``tag`` a snapshot was saved with (reads the header only; no checksum check)."""
+        with open(path, "rb") as f:
+            return _read_header(f, Path(path)).get("tag", {})
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> GalleryIndex:
-        """Load an index written by :meth:`save`; errors name the offending path."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"index directory {directory} does not exist; build one with `cman index`")
-        directory = cls.current_path(directory)
-        meta = _read_json(directory / META_FILE, dict)
-        if meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{directory / META_FILE}: unsupported index version {meta.get('version')!r}")
-        for name in (INDEX_FILE, ITEMS_FILE):
-            path = directory / name
-            if not path.is_file():
-                raise FileNotFoundError(f"index file {path} is missing; rebuild the index")
-            expected = meta.get("sha256", {}).get(name)
-            if expected is not None and _sha256(path) != expected:
-                raise ValueError(f"{path} does not match {directory / META_FILE} (torn or partial save); rebuild")
-        items = _read_json(directory / ITEMS_FILE, list)
-        try:
-            index = faiss.read_index(str(directory / INDEX_FILE))
-        except RuntimeError as err:
-            raise ValueError(f"{directory / INDEX_FILE} is not a readable faiss index: {err}") from err
-        try:
-            self = cls(
-                dim=meta["dim"],
-                kind=meta["kind"],
-                nlist=meta.get("nlist", 100),
-                hnsw_m=meta.get("hnsw_m", 32),
-                nprobe=meta.get("nprobe", 16),
-                ef_search=meta.get("ef_search", 128),
-                ef_construction=meta.get("ef_construction", 200),
-            )
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"{directory / META_FILE} is missing or has a bad field: {err}") from err
-        count = meta.get("count")
-        if not (count == len(items) == index.ntotal) or index.d != self.dim:
+    def load(cls, path: str | os.PathLike[str]) -> GalleryIndex:
+        """Load a snapshot written by :meth:`save`; errors name the file and say what to do."""
+        path = Path(path)
+        if path.is_dir():
             raise ValueError(
-                f"index at {directory} is inconsistent: index.json count={count}, dim={self.dim}; "
-                f"items.json has {len(items)} items; index.faiss has {index.ntotal} vectors of dim {index.d}"
+                f"{path} is a directory: an index directory of an earlier release; open it with "
+                "cman.gallery_mirror.open_gallery(INDEX_DIR), which moves it into the gallery store"
+            )
+        if not path.is_file():
+            raise FileNotFoundError(f"index snapshot {path} does not exist; build one with `cman index`")
+        with open(path, "rb") as f:
+            meta, body, index = _read_snapshot(f, path)
+        try:
+            self = cls(meta["dim"], **{name: meta[name] for name in PARAM_NAMES})
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path}: the snapshot header is missing or has a bad field: {err}") from err
+        return self._fill(index, body["labels"], body["items"], path)
+
+    def _fill(self, index: faiss.Index, labels: list[int], items: list[dict[str, Any]], path: Path) -> GalleryIndex:
+        if not (len(labels) == len(items) <= index.ntotal) or index.d != self.dim:
+            raise ValueError(
+                f"snapshot {path} is inconsistent: {len(labels)} labels, {len(items)} items, "
+                f"{index.ntotal} vectors of dim {index.d} (index dim {self.dim}); delete it (it is only a cache)"
             )
         if isinstance(index, faiss.IndexIVF):
             index.nprobe = self.nprobe
-        if isinstance(index, faiss.IndexHNSW):
-            index.hnsw.efSearch = self.ef_search
+        elif self.kind == "hnsw":
+            faiss.downcast_index(index.index).hnsw.efSearch = self.ef_search
         self._index = index
-        for i, item in enumerate(items):
-            if not isinstance(item, dict) or "id" not in item or str(item["id"]) in self._pos:
-                raise ValueError(f"{directory / ITEMS_FILE}: entry {i} is not an item with a unique 'id'; rebuild")
-            self._pos[str(item["id"])] = i
-        self._index = index
-        self._items = items
+        for label, item in zip(labels, items, strict=True):
+            self._items[int(label)] = item
+            self._pos[str(item["id"])] = int(label)
+        if index.ntotal > len(items):  # an HNSW graph with hidden (removed) items
+            held = faiss.vector_to_array(index.id_map) if hasattr(index, "id_map") else np.zeros(0, np.int64)
+            self._hidden = set(held.tolist()) - set(self._items)
+        self._next_label = max([*self._items, *self._hidden], default=-1) + 1
         return self
 
 
-def _next_version(directory: Path) -> int:
-    numbers = [int(p.name[2:]) for p in directory.glob("v-*") if p.name[2:].isdigit()]
-    return max(numbers, default=0) + 1
-
-
-def switch_symlink(link: Path, target: str) -> None:
-    """Point ``link`` at ``target`` (relative) with one atomic rename, then fsync the directory."""
-    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-    fsync_dir(link.parent)
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _read_json(path: Path, expected: type) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"index file {path} is missing; rebuild the index")
+def write_snapshot(frozen: tuple[bytes, bytes, faiss.Index], path: str | os.PathLike[str]) -> None:
+    """Write a :meth:`GalleryIndex.frozen` copy to ``path``: a temporary file in the same directory, fsynced, then one
+    ``os.replace`` (a reader sees the old file or the new one; one that opened the old file keeps reading it).
+    Snapshots are the replicas' start-up cache, never the only copy of an item."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); rebuild the index") from err
-    if not isinstance(data, expected):
-        raise ValueError(  # noqa: TRY004 - a corrupt file, not a caller's type error
-            f"{path} should hold a JSON {expected.__name__}, got {type(data).__name__}"
-        )
-    return data
+        with os.fdopen(fd, "wb") as f:
+            _write_snapshot(f, *frozen)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _write_snapshot(f: BinaryIO, header: bytes, body: bytes, index: faiss.Index) -> None:
+    digest = hashlib.sha256()
+    written = 0
+
+    def put(data: bytes) -> None:
+        nonlocal written
+        digest.update(data)
+        f.write(data)
+        written += len(data)
+
+    put(MAGIC + struct.pack("<Q", len(header)) + header + struct.pack("<Q", len(body)) + body)
+    start = written
+    writer = faiss.PyCallbackIOWriter(put)
+    faiss.write_index(index, writer)
+    del writer
+    put(struct.pack("<Q", written - start))
+    f.write(digest.digest())
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _read_header(f: BinaryIO, path: Path) -> dict[str, Any]:
+    """The small JSON header at the start of a snapshot (dim, kind, parameters, count, tag)."""
+    head = f.read(16)
+    if len(head) < 16 or head[:8] != MAGIC:
+        raise ValueError(f"{path} is not a gallery index snapshot (bad magic); delete it (it is only a cache)")
+    meta = _read_json_block(f, struct.unpack("<Q", head[8:])[0], path)
+    if meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported snapshot version {meta.get('version')!r}")
+    return meta
+
+
+def _read_json_block(f: BinaryIO, size: int, path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(f.read(size))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{path}: a snapshot header is not valid JSON ({err}); delete it (it is only a cache)"
+        ) from err
+
+
+def _read_snapshot(f: BinaryIO, path: Path) -> tuple[dict[str, Any], dict[str, Any], faiss.Index]:
+    total = os.fstat(f.fileno()).st_size
+    meta = _read_header(f, path)
+    body = _read_json_block(f, struct.unpack("<Q", f.read(8).rjust(8, b"\0"))[0], path)
+    index_start = f.tell()
+    digest = hashlib.sha256()
+    f.seek(0)
+    digest.update(f.read(index_start))
+    remaining = total - index_start - 8 - 32
+
+    def get(n: int) -> bytes:
+        nonlocal remaining
+        data = f.read(max(0, min(n, remaining)))
+        remaining -= len(data)
+        digest.update(data)
+        return data
+
+    try:
+        index = faiss.read_index(faiss.PyCallbackIOReader(get))
+    except RuntimeError as err:
+        raise ValueError(f"{path} holds no readable faiss index ({err}); delete it (it is only a cache)") from err
+    trailer = f.read(8)
+    digest.update(trailer)
+    if remaining != 0 or struct.unpack("<Q", trailer)[0] != f.tell() - 8 - index_start or f.read() != digest.digest():
+        raise ValueError(f"{path} does not match its checksum (torn or partial write); delete it (it is only a cache)")
+    return meta, body, index
 
 
 def auto_params(n: int, exact_max: int, ann_kind: str = "ivf") -> dict[str, Any]:
@@ -365,34 +430,3 @@ def auto_params(n: int, exact_max: int, ann_kind: str = "ivf") -> dict[str, Any]
         return {"kind": "hnsw"}
     nlist = int(min(4096, max(64, 2 ** round(np.log2(np.sqrt(n))))))
     return {"kind": "ivf", "nlist": nlist, "nprobe": nlist // 8}
-
-
-def load_gallery(
-    index_dir: str | os.PathLike[str], modalities: Sequence[str] = (), dim: int | None = None, **params: Any
-) -> tuple[dict[Modality, GalleryIndex], dict[str, int]]:
-    """:func:`open_gallery`, plus the log position reached (segment name -> byte offset) for a process that tails it."""
-    from cman import gallery_log
-
-    index_dir = Path(index_dir)
-    if not index_dir.is_dir():
-        raise FileNotFoundError(f"index directory {index_dir} does not exist; build one with `cman index`")
-    gallery: dict[Modality, GalleryIndex] = {}
-    for modality in Modality:
-        if GalleryIndex.exists(index_dir / modality.value):
-            gallery[modality] = GalleryIndex.load(index_dir / modality.value)
-        elif modality.value in modalities and dim is not None:
-            gallery[modality] = GalleryIndex(dim, **params)
-    offsets: dict[str, int] = {}
-    gallery_log.replay(gallery, index_dir / gallery_log.LOG_DIR, offsets, lambda dim: GalleryIndex(dim, **params))
-    return gallery, offsets
-
-
-def open_gallery(
-    index_dir: str | os.PathLike[str], modalities: Sequence[str] = (), dim: int | None = None, **params: Any
-) -> dict[Modality, GalleryIndex]:
-    """Load a whole index directory: every ``<modality>/`` snapshot, then the write-ahead log ``wal/`` replayed on top.
-
-    This is what the Retriever serves. ``modalities`` + ``dim`` (+ GalleryIndex ``params``) create empty indexes for
-    modalities without a snapshot. Replay is idempotent: a logged item already in a snapshot is skipped.
-    """
-    return load_gallery(index_dir, modalities, dim, **params)[0]

@@ -1,7 +1,10 @@
-"""Build the gallery indexes of a dataset split: one FAISS `GalleryIndex` per modality, for `cman index` / Serve.
+"""Build the gallery of a dataset split for `cman index` / Serve: every item's vectors into the gallery store
+(`serve.gallery_store`, default `sqlite:///INDEX_DIR/gallery.db`), then one cached FAISS snapshot per modality.
 
 Each modality is embedded on its own (a gallery item is one image, one clip or one caption), in batches, with a
-progress bar. Media shared by several items (one Flickr8k image with 5 captions) become one gallery item.
+progress bar. Media shared by several items (one Flickr8k image with 5 captions) become one gallery item. Building
+into a directory that already holds a gallery updates it: unchanged items stay, changed ones are replaced, items
+added online stay.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from torch.utils.data import DataLoader
 
 from cman.config import ServeConfig
 from cman.data.dataset import CMANDataset, Collator, Item, load_split
-from cman.index import GalleryIndex, auto_params
+from cman.gallery_mirror import CACHE_DIR, GalleryMirror, IndexPolicy, open_store
+from cman.gallery_schema import redact
 from cman.modality import Modality
 from cman.models.cman import CMAN
 from cman.training import amp_dtype, compute_embeddings, resolve_device
@@ -67,7 +71,7 @@ def build_index(
     serve: ServeConfig | None = None,
     progress: bool = True,
 ) -> dict[str, int]:
-    """Single process: embed `split` (`root`, default: the checkpoint's data.root) and write `out_dir/<modality>/`.
+    """Single process: embed `split` (`root`, default: the checkpoint's data.root) into the gallery of `out_dir`.
 
     Also writes `out_dir/index_meta.json`. Returns the number of gallery items per modality. `progress`: a progress
     bar per modality (the quickstart's few-second index goes without).
@@ -81,7 +85,7 @@ def build_index(
     device = resolve_device(config.ray.use_gpu)
     model.to(device)
     dtype = amp_dtype(device, config.training.mixed_precision)
-    counts: dict[str, int] = {}
+    galleries: dict[Modality, tuple[np.ndarray, list[dict]]] = {}
     for modality in model.modalities:
         gallery = unique_items(items, modality)
         if not gallery:
@@ -99,8 +103,9 @@ def build_index(
         embedded = compute_embeddings(model, loader, device, dtype, progress=progress)[modality]
         by_key = {item.key(modality): item for item in gallery}
         records = [item_record(by_key[key], data_root) for key in embedded.keys]
-        counts[modality.value] = write_modality(out_dir, modality, embedded.embeddings, records, kind, serve)
-    write_meta(out_dir, checkpoint, split, data_root, kind, len(items), counts)
+        galleries[modality] = (embedded.embeddings, records)
+    counts = write_gallery(out_dir, galleries, kind, serve)
+    write_meta(out_dir, checkpoint, split, data_root, kind, len(items), counts, serve)
     logger.info("index written to %s: %s (%.1f s)", out_dir, counts, time.perf_counter() - start)
     return counts
 
@@ -111,27 +116,47 @@ def _data_root(root: str | Path | None, config: Any) -> Path:
     return Path(root or config.data.root).resolve()
 
 
-def write_modality(
-    out_dir: Path, modality: Modality, vectors: np.ndarray, records: list[dict], kind: str, serve: ServeConfig | None
-) -> int:
-    """One GalleryIndex of `kind` (`auto`: by size, from `serve`) over `vectors`, saved under `out_dir/<modality>`."""
+def write_gallery(
+    out_dir: Path, galleries: dict[Modality, tuple[np.ndarray, list[dict]]], kind: str, serve: ServeConfig | None
+) -> dict[str, int]:
+    """Store every item with its vector per modality (`galleries`: modality -> (vectors, records)), in transactions
+    of 1000 items, then write the FAISS snapshots of `kind` (`auto`: by size, from `serve`) that replicas start from.
+    Returns the items per modality."""
     serve = serve or ServeConfig()
-    params = (
-        auto_params(len(records), serve.index_auto_exact_max, serve.index_auto_ann)
-        if kind == "auto"
-        else {"kind": kind}
-    )
-    index = GalleryIndex(vectors.shape[1], **params)
-    index.add(vectors, records)
-    index.save(out_dir / modality.value)
-    return len(index)
+    entries: dict[str, tuple[dict, dict[str, np.ndarray]]] = {}
+    for modality, (vectors, records) in galleries.items():
+        for vector, record in zip(vectors, records, strict=True):
+            entries.setdefault(str(record["id"]), (record, {}))[1][modality.value] = vector
+    out_dir.mkdir(parents=True, exist_ok=True)
+    db = open_store(out_dir, serve.gallery_store)
+    try:
+        batch = list(entries.values())
+        changed = sum(db.put_many([(r, v, None) for r, v in batch[i : i + 1000]]) for i in range(0, len(batch), 1000))
+        dims = {m.value: vectors.shape[1] for m, (vectors, _) in galleries.items()}
+        policy = IndexPolicy(kind, serve.index_auto_exact_max, serve.index_auto_ann)
+        mirror = GalleryMirror(db, list(dims), next(iter(dims.values()), None), policy, out_dir / CACHE_DIR)
+        mirror.load()
+        mirror.save_snapshots()
+    finally:
+        db.close()
+    logger.info("gallery store %s: %d items changed", redact(db.url), changed)
+    return {m.value: len(records) for m, (_, records) in galleries.items()}
 
 
 def write_meta(
-    out_dir: Path, checkpoint: Path, split: str, root: Path, kind: str, n_items: int, counts: dict[str, int]
+    out_dir: Path,
+    checkpoint: Path,
+    split: str,
+    root: Path,
+    kind: str,
+    n_items: int,
+    counts: dict[str, int],
+    serve: ServeConfig | None = None,
 ) -> None:
+    store = (serve or ServeConfig()).gallery_store
     meta = {
         "checkpoint": str(checkpoint),
+        "gallery_store": redact(store) if store else "sqlite:///INDEX_DIR/gallery.db",
         "split": split,
         "root": str(root),
         "kind": kind,
@@ -208,7 +233,7 @@ def build_index_ray(
 
     Items go in shards of `serve.index_shard_size`; a shard is written (`out_dir/shards/<m>/shard-N.npz`, temp file +
     rename) once all its items are embedded, and a re-run skips shards already on disk. Actors, CPUs/GPUs per actor
-    and the batch size come from `serve.index_*`. Then each modality's shards are loaded into one GalleryIndex.
+    and the batch size come from `serve.index_*`. Then the shards are written into the gallery store.
     """
     start = time.perf_counter()
     serve = serve or ServeConfig()
@@ -233,11 +258,9 @@ def build_index_ray(
         ]
         for job in jobs:
             job.result()
-    counts: dict[str, int] = {}
-    for modality, shards in plan.items():
-        vectors, records = _load_shards(out_dir, modality, shards, data_root)
-        counts[modality.value] = write_modality(out_dir, modality, vectors, records, kind, serve)
-    write_meta(out_dir, checkpoint, split, data_root, kind, len(items), counts)
+    galleries = {modality: _load_shards(out_dir, modality, shards, data_root) for modality, shards in plan.items()}
+    counts = write_gallery(out_dir, galleries, kind, serve)
+    write_meta(out_dir, checkpoint, split, data_root, kind, len(items), counts, serve)
     logger.info("index written to %s: %s (%.1f s)", out_dir, counts, time.perf_counter() - start)
     return counts
 

@@ -1,8 +1,9 @@
 """FastAPI ingress: the HTTP contract (see ARCHITECTURE.md) on top of the Retriever and encoder deployments.
 
 Every error is JSON `{"error": "..."}` (`ErrorResponse`): 400 bad field, 401 no/wrong API key, 403 refused state
-change, 404 unknown item, 413 over a limit, 415 undecodable media or wrong content type, 422 validation, 503 busy or
-a replica restarting, 504 timeout. Bad input never reaches a replica as an exception it could die of.
+change, 404 unknown item, 409 another item under this id, 413 over a limit, 415 undecodable media or wrong content
+type, 422 validation, 503 busy, a replica restarting or a store error, 504 timeout, 507 the gallery store is out of
+space. Bad input never reaches a replica as an exception it could die of.
 """
 
 import asyncio
@@ -180,7 +181,7 @@ class Ingress:
         found = await self._query(request, text, audio, image)
         return await self._call(request, lambda: self.retriever.embed.remote(found), "embedding")
 
-    @app.post("/items", response_model=s.ItemResponse, responses=s.errors(400, 403, 413, 415, 422))
+    @app.post("/items", response_model=s.ItemResponse, responses=s.errors(400, 403, 409, 413, 415, 422, 507))
     async def add_item(
         self,
         request: Request,
@@ -189,12 +190,20 @@ class Ingress:
         audio: AudioField = None,
         image: ImageField = None,
     ) -> dict[str, Any]:
-        """Add an item (any of caption, audio, image) to the gallery; it is saved to disk at once."""
+        """Add an item (any of caption, audio, image) to the gallery, durably (answered after the store commits).
+
+        Idempotent: the same item again answers 200 with the stored item; another item under this id 409."""
         found = await self._query(request, text, audio, image, empty_ok=True)
         if not found:
             raise RequestError(400, "an item needs at least one of text, audio (file), image (file)")
         make = lambda: self.retriever.add_item.remote(id, found)  # noqa: E731
-        return await self._call(request, make, "item addition", idempotent=False)
+        return await self._call(request, make, "item addition")
+
+    @app.delete("/v1/items/{item_id}", response_model=s.DeleteResponse, responses=s.errors(403, 404, 422, 507))
+    async def delete_item(self, request: Request, item_id: ItemId) -> dict[str, Any]:
+        """Remove an item from the gallery, durably (answered after the store commits); 404 if there is none."""
+        make = lambda: self.retriever.delete_item.remote(item_id)  # noqa: E731
+        return await self._call(request, make, "item deletion", idempotent=False)
 
     async def _media(self, request: Request, item_id: str, kind: str) -> Response:
         data, media_type = await self._call(request, lambda: self.retriever.media.remote(item_id, kind), kind)

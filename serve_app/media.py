@@ -1,18 +1,16 @@
-"""Media files of gallery items: names per modality for added items, and reads confined to the gallery's roots.
+"""Media of gallery items: names per modality for added items, and file reads confined to the gallery's roots.
 
-An added item's image and audio are stored as `INDEX_DIR/media/<id>.image<ext>` and `<id>.audio<ext>` (the
-extension from the file's magic bytes, `.bin` if unknown), so the two never collide. Records of indexed datasets
-point into the dataset root named in `index_meta.json`. A record that points anywhere else is never served.
+An added item's image and audio are stored in the gallery store (blobs, in the add's transaction) under the names
+`media/<id>.image<ext>` and `media/<id>.audio<ext>` (the extension from the file's magic bytes, `.bin` if unknown),
+so the two never collide. Records of indexed datasets hold absolute paths into the dataset root named in
+`index_meta.json`; a record that points anywhere else is never served.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from cman.fsutil import fsync_dir
 from serve_app.errors import RequestError
 
 MEDIA_DIR = "media"
@@ -78,21 +76,9 @@ def media_name(item_id: str, kind: str, data: bytes) -> str:
     return f"{MEDIA_DIR}/{item_id}.{kind}{extension(data)}"
 
 
-def write_media(index_dir: Path, name: str, data: bytes) -> None:
-    """Write `data` to `index_dir/name` durably (temp file, fsync, rename, fsync of the directory)."""
-    path = index_dir / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+def media_type(name: str) -> str:
+    """The media type of a stored media name, by its extension."""
+    return MEDIA_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
 
 
 def allowed_roots(index_dir: Path) -> list[Path]:
@@ -115,4 +101,4 @@ def read_media(index_dir: Path, roots: list[Path], item_id: str, kind: str, stor
         raise RequestError(404, f"the {kind} of item {item_id!r} is outside the gallery's media and dataset roots")
     if not path.is_file():
         raise RequestError(404, f"the {kind} file of item {item_id!r} is missing on the server")
-    return path.read_bytes(), MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
+    return path.read_bytes(), media_type(path.name)

@@ -1,9 +1,10 @@
 """Retriever deployment: fusion transformer + the gallery of INDEX_DIR (one GalleryIndex per target modality).
 
 It sends each query modality to its encoder deployment (concurrently), fuses the returned token streams into one
-embedding, and searches the target index. Durable adds, the write-ahead log and replica sync live in
-`serve_app.gallery_store`; media names and confined media reads in `serve_app.media`. Only the fusion transformer
-and the projections are loaded (`CMAN.from_pretrained(dir, modalities=[])`); the encoders are other deployments.
+embedding, and searches the target index. The gallery store (SQLite or PostgreSQL: `serve.gallery_store`), this
+replica's FAISS mirror of it and the replica sync live in `serve_app.gallery_store`; media names and confined media
+reads in `serve_app.media`. Only the fusion transformer and the projections are loaded
+(`CMAN.from_pretrained(dir, modalities=[])`); the encoders are other deployments.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import logging
 import os
 import re
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,14 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cman.config import ServeConfig
-from cman.index import auto_params
+from cman.gallery_db import StoredItem, content_digest
+from cman.gallery_mirror import IndexPolicy
+from cman.index import GalleryIndex
 from cman.modality import Modality
 from serve_app.encoders import inference_device, limit_threads
 from serve_app.errors import RequestError, raise_if_error
-from serve_app.gallery_store import DuplicateItemError, GalleryStore
-from serve_app.media import allowed_roots, media_name, read_media, strip_image_metadata, write_media
+from serve_app.gallery_store import GalleryStore
+from serve_app.media import allowed_roots, media_name, media_type, read_media, strip_image_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +52,10 @@ def client_errors(method):
     return wrapper
 
 
-def index_params(index_kind: str, size: int, cfg: ServeConfig) -> dict[str, Any]:
-    """GalleryIndex parameters for empty indexes; `auto` resolves by the gallery's current size."""
-    if index_kind == "auto":
-        return auto_params(size, cfg.index_auto_exact_max, cfg.index_auto_ann)
-    return {"kind": index_kind}
+def request_digest(payloads: dict[str, Any]) -> str:
+    """What makes two add requests "the same item": the text and the bytes of the media as sent."""
+    media = {kind: payloads[kind] for kind in ("image", "audio") if kind in payloads}
+    return content_digest({"text": payloads.get("text")}, media)
 
 
 class RetrieverServer:
@@ -85,30 +86,21 @@ class RetrieverServer:
         self.index_dir = Path(index_dir)
         self.index_dir.mkdir(parents=True, exist_ok=True)
         self.media_roots = allowed_roots(self.index_dir)
-        params = index_params(index_kind, 0, cfg)
-        self.store = GalleryStore.open(
-            self.index_dir, self.modalities, self.dim, params=params, compact_every=cfg.gallery_compact_every
+        policy = IndexPolicy(index_kind, cfg.index_auto_exact_max, cfg.index_auto_ann)
+        self.store = GalleryStore(
+            self.index_dir, cfg.gallery_store, self.modalities, self.dim, policy, sync_s=cfg.gallery_sync_s
         )
-        self.indexes = {m.value: ix for m, ix in self.store.indexes.items() if m.value in self.modalities}
-        self._stop = threading.Event()
-        self._sync_s = cfg.gallery_sync_s
-        threading.Thread(target=self._sync_loop, name="gallery-sync", daemon=True).start()
-        logger.info("retriever ready: %s", self.counts())
+        logger.info("retriever ready (gallery from the %s): %s", self.store.source, self.counts())
 
-    def _sync_loop(self) -> None:
-        """Pick up items other replicas added (bounded visibility delay: one period + the read)."""
-        while not self._stop.wait(self._sync_s):
-            try:
-                if self.store.sync():
-                    self.indexes.update({m.value: ix for m, ix in self.store.indexes.items()})
-            except Exception:  # keep serving; the next period retries
-                logger.exception("gallery sync from %s failed", self.index_dir)
+    @property
+    def indexes(self) -> dict[str, GalleryIndex]:
+        """This replica's search indexes (a rebuild swaps one in whole)."""
+        return {m.value: ix for m, ix in list(self.store.indexes.items()) if m.value in self.modalities}
 
     def check_health(self) -> None:
-        """Serve's periodic health check: a tiny fusion forward and a writable gallery log."""
+        """Serve's periodic health check: a tiny fusion forward. A store that cannot be reached does not fail it:
+        searches go on from memory, writes answer 503 until the store is back."""
         self._fuse({Modality.TEXT: (np.zeros((1, self.width), np.float32), np.ones(1, bool))})
-        if not os.access(self.store.log_dir, os.W_OK):
-            raise RuntimeError(f"gallery log {self.store.log_dir} is not writable")
 
     # ---- embedding -------------------------------------------------------------------------------------------------
     async def _streams(self, payloads: dict[str, Any]) -> dict[Modality, tuple[np.ndarray, np.ndarray]]:
@@ -167,43 +159,60 @@ class RetrieverServer:
 
     # ---- items -----------------------------------------------------------------------------------------------------
     @client_errors
-    def media(self, item_id: str, kind: str) -> tuple[bytes, str]:
-        """The raw bytes and media type of an item's image or audio (only files under the gallery's roots)."""
-        record = self.store.record(item_id)
-        if record is None:
+    async def media(self, item_id: str, kind: str) -> tuple[bytes, str]:
+        """The raw bytes and media type of an item's image or audio (stored blobs, or dataset files under the
+        gallery's roots)."""
+        stored = await asyncio.to_thread(self.store.existing, item_id)
+        if stored is None:
             raise RequestError(404, f"no item with id {item_id!r} in the gallery")
-        return read_media(self.index_dir, self.media_roots, item_id, kind, record.get(f"{kind}_path"))
+        path = stored.record.get(f"{kind}_path")
+        if path and not Path(path).is_absolute():  # an added item's media: a blob in the store
+            blob = await asyncio.to_thread(self.store.media, item_id, kind)
+            if blob is None:
+                raise RequestError(404, f"the {kind} of item {item_id!r} is missing from the gallery store")
+            return blob[1], media_type(blob[0])
+        return read_media(self.index_dir, self.media_roots, item_id, kind, path)
 
     @client_errors
     async def add_item(self, item_id: str, payloads: dict[str, Any]) -> dict[str, Any]:
-        if not ITEM_ID.fullmatch(item_id):
-            raise RequestError(
-                400, f"bad id {item_id!r}: use 1-128 letters, digits, '_', '-' or '.', starting with a letter/digit"
-            )
+        """Add an item; the same item again answers the stored one (200), another item under its id 409."""
+        check_id(item_id)
         if not payloads:
             raise RequestError(400, "an item needs at least one of text, audio (file), image (file)")
-        if item_id in self.store:
-            raise RequestError(400, f"duplicate id {item_id!r}: an item with this id is already in the gallery")
-        streams = await self._streams(payloads)
-        vectors = {m.value: self._fuse({m: s}) for m, s in streams.items() if m.value in self.indexes}
+        digest = request_digest(payloads)
+        stored = await asyncio.to_thread(self.store.existing, item_id)
+        if stored is None:
+            streams = await self._streams(payloads)
+            vectors = {m.value: self._fuse({m: s}) for m, s in streams.items() if m.value in self.indexes}
+            record, media = await self._record(item_id, payloads)
+            stored, created = await asyncio.to_thread(self.store.add, item_id, record, vectors, media, digest)
+            if created:
+                logger.info("added item %s to %s", item_id, stored.modalities)
+        if stored.digest != digest:
+            raise RequestError(409, f"id {item_id!r} already holds a different item; delete it first or use another id")
+        return self._item_answer(stored)
+
+    async def _record(self, item_id: str, payloads: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tuple]]:
         if "image" in payloads:  # EXIF (GPS, camera serials), XMP and comments are not kept in the gallery
             payloads = {**payloads, "image": await asyncio.to_thread(strip_image_metadata, payloads["image"])}
         record: dict[str, Any] = {"id": item_id}
         if "text" in payloads:
             record["caption"] = payloads["text"]
-        media = {kind: media_name(item_id, kind, payloads[kind]) for kind in ("image", "audio") if kind in payloads}
-        record.update({f"{kind}_path": name for kind, name in media.items()})
+        media = {k: (media_name(item_id, k, payloads[k]), payloads[k]) for k in ("image", "audio") if k in payloads}
+        record.update({f"{kind}_path": name for kind, (name, _) in media.items()})
+        return record, media
 
-        def write_files() -> None:  # under the store's lock, after the duplicate check, before the log line
-            for kind, name in media.items():
-                write_media(self.index_dir, name, payloads[kind])
+    def _item_answer(self, stored: StoredItem) -> dict[str, Any]:
+        return {"id": stored.id, "added_to": stored.modalities, "counts": self.counts()}
 
-        try:
-            targets = await asyncio.to_thread(self.store.add, vectors, record, write_files)
-        except DuplicateItemError as err:
-            raise RequestError(400, str(err)) from None
-        logger.info("added item %s to %s", item_id, targets)
-        return {"id": item_id, "added_to": targets, "counts": self.counts()}
+    @client_errors
+    async def delete_item(self, item_id: str) -> dict[str, Any]:
+        """Remove an item from the gallery (durable once answered); 404 if there is none with this id."""
+        check_id(item_id)
+        if not await asyncio.to_thread(self.store.delete, item_id):
+            raise RequestError(404, f"no item with id {item_id!r} in the gallery")
+        logger.info("deleted item %s", item_id)
+        return {"id": item_id, "deleted": True, "counts": self.counts()}
 
     def counts(self) -> dict[str, int]:
         return {m: len(ix) for m, ix in self.indexes.items()}
@@ -215,7 +224,16 @@ class RetrieverServer:
         return {"replica": context.replica_id.unique_id, "pid": os.getpid(), **result}
 
     def __del__(self) -> None:
-        self._stop.set()
+        store = getattr(self, "store", None)
+        if store is not None:
+            store.stop()
+
+
+def check_id(item_id: str) -> None:
+    if not ITEM_ID.fullmatch(item_id):
+        raise RequestError(
+            400, f"bad id {item_id!r}: use 1-128 letters, digits, '_', '-' or '.', starting with a letter/digit"
+        )
 
 
 RetrieverDeployment = serve.deployment(RetrieverServer, name="Retriever")

@@ -51,6 +51,12 @@ class ItemResponse(BaseModel):
     counts: dict[str, int] = Field(description="gallery sizes after the addition")
 
 
+class DeleteResponse(BaseModel):
+    id: str
+    deleted: bool = Field(description="true: the item is removed from every gallery")
+    counts: dict[str, int] = Field(description="gallery sizes after the removal")
+
+
 class EncoderStats(BaseModel):
     batches: int
     requests: int
@@ -68,15 +74,17 @@ class StatusResponse(BaseModel):
 
 
 _WHY = {
-    400: "a bad field (empty or control-only text, a model without that encoder, a duplicate id)",
+    400: "a bad field (empty or control-only text, a model without that encoder)",
     401: "an API key is configured and the request has no valid `Authorization: Bearer <key>`",
     403: "a state-changing route refused: no API key configured on a non-loopback bind, or a cross-origin request",
     404: "no such item, or the item has no such medium",
+    409: "another item already has this id (the same item again answers 200); delete it first or use another id",
     413: "over a limit: body, upload, text characters, audio seconds, image pixels or form fields",
     415: "undecodable media, or a content type other than multipart/form-data",
     422: "validation: a field of the wrong type or out of range (`k` 1-100, `target`, `id`)",
-    503: "a replica is restarting or the queue is full; retry after the Retry-After seconds",
-    504: "the request took longer than serve.request_timeout_s",
+    503: "a replica is restarting, the queue is full or the gallery store failed; retry (adds are idempotent)",
+    504: "the request took longer than serve.request_timeout_s (an add may still complete: retrying it is safe)",
+    507: "the gallery store is out of space; nothing was stored",
 }
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 MEDIA_CONTENT = {

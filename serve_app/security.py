@@ -102,8 +102,8 @@ class GuardSettings:
         """Why a state-changing request is refused (403), or None."""
         if self.key_sha256 is None and not is_loopback(self.bind_host):
             return (
-                f"this service listens on {self.bind_host} without an API key: adding items and resetting stats "
-                "are refused; set CMAN_API_KEY (or serve.api_key) and send Authorization: Bearer <key>"
+                f"this service listens on {self.bind_host} without an API key: adding or deleting items and "
+                "resetting stats are refused; set CMAN_API_KEY (or serve.api_key) and send Authorization: Bearer <key>"
             )
         host = headers.get("host", "")
         origin = headers.get("origin")
@@ -200,7 +200,7 @@ class Guard:
         if path not in OPEN_PATHS and not settings.authorized(headers):
             return 401, "missing or wrong API key: send Authorization: Bearer <key>", {"www-authenticate": "Bearer"}
         refusal = settings.host_refusal(headers)
-        if refusal is None and (method, path) in STATE_CHANGING:
+        if refusal is None and ((method, path) in STATE_CHANGING or method == "DELETE"):
             refusal = settings.state_change_refusal(headers)
         if refusal:
             return 403, refusal

@@ -41,6 +41,17 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL server (tests/pg_server.py) for the gallery store's tests; `postgres.database()` gives a
+    fresh database URL. Without the server binaries this fails (it does not skip): `make install` installs them."""
+    from pg_server import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
 # ---- a tiny trained model on a tiny demo dataset (serve, index and demo-page tests) ---------------------------------
 DEMO_COUNTS = {"train": 48, "val": 12, "test": 16}
 

@@ -1,8 +1,7 @@
-"""FAISS gallery index: exactness, approximate recall, persistence and atomic saves."""
+"""FAISS gallery index: exactness, approximate recall, labels and removal, snapshot files and atomic saves."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -103,55 +102,83 @@ def test_save_load_round_trip(tmp_path: Path, kind: str) -> None:
     x = _clustered(rng, n, dim=16)
     index = GalleryIndex(16, kind=kind)
     items = [{"id": f"i{j}", "image_path": f"img/{j}.jpg", "meta": {"n": j}} for j in range(n)]
-    index.add(x, items)
-    index.save(tmp_path / "image")
-    assert sorted(p.name for p in (tmp_path / "image").iterdir()) == ["CURRENT", "v-1"]
-    current = GalleryIndex.current_path(tmp_path / "image")
-    assert sorted(p.name for p in current.iterdir()) == ["index.faiss", "index.json", "items.json"]
-    meta = json.loads((current / "index.json").read_text())
-    assert (meta["dim"], meta["kind"], meta["count"]) == (16, kind, n)
-    loaded = GalleryIndex.load(tmp_path / "image")
-    assert len(loaded) == n and loaded.kind == kind
-    assert loaded.get("i7") == items[7]
+    index.add(x, items, labels=np.arange(n) * 3 + 7)
+    index.remove(["i1", "i2"])
+    index.save(tmp_path / "image.gix", tag={"store_id": "s", "seq": 41})
+    assert [p.name for p in tmp_path.iterdir()] == ["image.gix"]  # one file, no temporary left
+    assert GalleryIndex.read_tag(tmp_path / "image.gix") == {"store_id": "s", "seq": 41}
+    loaded = GalleryIndex.load(tmp_path / "image.gix")
+    assert len(loaded) == n - 2 and loaded.kind == kind and loaded.params == index.params
+    assert loaded.get("i7") == items[7] and loaded.label("i7") == 28 and "i1" not in loaded
     assert loaded.search(x[:5], 3) == index.search(x[:5], 3)
     loaded.add(_clustered(rng, 1, dim=16), [{"id": "added"}])
-    assert "added" in loaded
+    assert "added" in loaded and loaded.label("added") == 3 * (n - 1) + 8  # after the highest label held
 
 
-def test_failed_save_leaves_previous_index_intact(tmp_path: Path) -> None:
+def test_failed_save_leaves_previous_index_intact(tmp_path: Path, monkeypatch) -> None:
+    import cman.index as index_module
+
     index = GalleryIndex(4)
     index.add(np.eye(4)[:2], _items(2))
-    index.save(tmp_path / "text")
+    index.save(tmp_path / "text.gix")
     index.add(np.eye(4)[2:3], [{"id": "bad", "blob": object()}])
     with pytest.raises(ValueError, match="JSON-serialisable"):
-        index.save(tmp_path / "text")
-    old = GalleryIndex.load(tmp_path / "text")
-    assert old.ids == ["item0", "item1"]
-    assert [p.name for p in tmp_path.iterdir()] == ["text"]  # no temp dirs left behind
-    assert sorted(p.name for p in (tmp_path / "text").iterdir()) == ["CURRENT", "v-1"]
+        index.save(tmp_path / "text.gix")
+    index.remove(["bad"])
+    index.add(np.eye(4)[3:], [{"id": "new"}])
+
+    def crash(f, *args):
+        f.write(b"half a snapshot")
+        raise OSError("simulated crash while writing")
+
+    monkeypatch.setattr(index_module, "_write_snapshot", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        index.save(tmp_path / "text.gix")
+    monkeypatch.undo()
+    assert GalleryIndex.load(tmp_path / "text.gix").ids == ["item0", "item1"]  # the complete old file, untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["text.gix"]
+    index.save(tmp_path / "text.gix")
+    assert GalleryIndex.load(tmp_path / "text.gix").ids == ["item0", "item1", "new"]
 
 
 def test_load_errors_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        GalleryIndex.load(tmp_path / "missing")
+        GalleryIndex.load(tmp_path / "missing.gix")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(ValueError, match="earlier release"):
+        GalleryIndex.load(tmp_path / "dir")
     index = GalleryIndex(4)
     index.add(np.eye(4), _items(4))
-    target = tmp_path / "idx"
+    target = tmp_path / "idx.gix"
     index.save(target)
-
-    (GalleryIndex.current_path(target) / "items.json").write_text(json.dumps(_items(3)))  # not this save's items
-    with pytest.raises(ValueError, match="items.json does not match"):
+    data = target.read_bytes()
+    target.write_bytes(data[:-40])
+    with pytest.raises(ValueError, match="idx.gix .*(checksum|faiss)"):
+        GalleryIndex.load(target)
+    target.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(ValueError, match="checksum"):
+        GalleryIndex.load(target)
+    target.write_bytes(b"not a snapshot at all")
+    with pytest.raises(ValueError, match="not a gallery index snapshot"):
         GalleryIndex.load(target)
 
-    index.save(target)
-    (GalleryIndex.current_path(target) / "index.json").write_text("{not json")
-    with pytest.raises(ValueError, match="index.json is not valid JSON"):
-        GalleryIndex.load(target)
 
-    index.save(target)
-    (GalleryIndex.current_path(target) / "index.faiss").unlink()
-    with pytest.raises(FileNotFoundError, match="index.faiss is missing"):
-        GalleryIndex.load(target)
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_removed_items_never_come_back_in_results(kind: str) -> None:
+    rng = np.random.default_rng(5)
+    x = _clustered(rng, 400, dim=8)
+    index = GalleryIndex(8, kind=kind, nlist=4)
+    index.add(x, _items(400))
+    gone = [f"item{i}" for i in range(0, 400, 3)]  # 134 removed: flat and IVF drop them in batches
+    assert index.remove([*gone, "unknown"]) == len(gone)
+    assert index.remove(gone[:2]) == 0
+    assert len(index) == 400 - len(gone) and index.hidden_count == (len(gone) if kind == "hnsw" else 0)
+    found = {item["id"] for row in index.search(x, 10) for item, _ in row}
+    assert not found & set(gone) and all(len(row) == 10 for row in index.search(x[:5], 10))
+    assert index.ids == [f"item{i}" for i in range(400) if i % 3]
+    np.testing.assert_allclose(index.vectors(), x[[i for i in range(400) if i % 3]], atol=1e-6)
+    with pytest.raises(ValueError, match="label 5 is already used"):
+        index.add(x[:1], [{"id": "again"}], labels=[5])
 
 
 def test_vectors_and_records_in_insertion_order() -> None:
@@ -164,36 +191,6 @@ def test_vectors_and_records_in_insertion_order() -> None:
         assert [r["id"] for r in index.records()] == [f"item{i}" for i in range(n)]
         index.records()[0]["id"] = "changed"  # a copy: the index keeps its own
         assert index.ids[0] == "item0"
-
-
-def test_save_is_one_switch_and_a_crash_before_it_keeps_the_old_version(tmp_path: Path, monkeypatch) -> None:
-    import cman.index as index_module
-
-    index = GalleryIndex(4)
-    index.add(np.eye(4)[:2], _items(2))
-    index.save(tmp_path / "g")
-    index.add(np.eye(4)[2:3], [{"id": "new"}])
-
-    def crash(*args, **kwargs):
-        raise OSError("simulated crash before the switch")
-
-    monkeypatch.setattr(index_module, "switch_symlink", crash)
-    with pytest.raises(OSError, match="simulated crash"):
-        index.save(tmp_path / "g")
-    monkeypatch.undo()
-    assert GalleryIndex.load(tmp_path / "g").ids == ["item0", "item1"]  # the complete old version, untouched
-    index.save(tmp_path / "g")  # the next save supersedes the abandoned version and removes it
-    assert GalleryIndex.load(tmp_path / "g").ids == ["item0", "item1", "new"]
-    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["CURRENT", "v-3"]
-
-
-def test_legacy_flat_layout_still_loads(tmp_path: Path) -> None:
-    index = GalleryIndex(4)
-    index.add(np.eye(4), _items(4))
-    index.save(tmp_path / "g")
-    legacy = tmp_path / "legacy"
-    GalleryIndex.current_path(tmp_path / "g").rename(legacy)  # index.faiss / items.json / index.json directly
-    assert GalleryIndex.load(legacy).ids == index.ids
 
 
 def test_auto_params_exact_below_threshold_ivf_above() -> None:

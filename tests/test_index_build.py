@@ -1,4 +1,5 @@
-"""`jobs.build_index.build_index`: one GalleryIndex per modality, de-duplicated media, item records, metadata."""
+"""`jobs.build_index.build_index`: the split into the gallery store (de-duplicated media, item records), snapshots of
+one GalleryIndex per modality, metadata."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 from tiny import REPO
 
 from cman.data.dataset import CMANDataset, Collator, load_split
+from cman.gallery_db import GalleryDB
+from cman.gallery_mirror import CACHE_DIR, open_gallery, snapshot_path
 from cman.index import GalleryIndex
 from cman.modality import Modality
 from cman.models.cman import CMAN
@@ -41,17 +44,20 @@ def test_build_index_dedupes_and_records(trained_checkpoint: Path, shared_image_
     assert meta["counts"] == counts and meta["split"] == "test"
     assert meta["checkpoint"] == str(trained_checkpoint.resolve()) and meta["items_in_split"] == 8
     items = load_split(shared_image_root, "test")
-    image_index = GalleryIndex.load(out / "image")
+    gallery = {m.value: ix for m, ix in open_gallery(out).items()}
+    image_index = gallery["image"]
     assert image_index.ids == [items[0].id, items[4].id, items[5].id, items[6].id, items[7].id]
     for modality in ("text", "audio", "image"):
-        index = GalleryIndex.load(out / modality)
+        index = gallery[modality]
         assert len(index) == counts[modality]
         for item_id in index.ids:
             record = index.get(item_id)
             assert Path(record["image_path"]).is_absolute() and Path(record["image_path"]).is_file()
             assert record["caption"] and record["id"] == item_id
-    assert "audio_path" not in GalleryIndex.load(out / "text").get(items[5].id)
-    assert items[5].id not in GalleryIndex.load(out / "audio")
+    assert "audio_path" not in gallery["text"].get(items[5].id)
+    assert items[5].id not in gallery["audio"]
+    assert build_index(trained_checkpoint, "test", out, root=shared_image_root) == counts  # again: nothing changes
+    assert GalleryDB(f"sqlite:///{out / 'gallery.db'}").head() == len({*gallery["text"].ids, *gallery["audio"].ids})
 
 
 def test_index_vectors_are_single_modality_embeddings(trained_checkpoint: Path, demo_root: Path, tmp_path: Path):
@@ -65,7 +71,7 @@ def test_index_vectors_are_single_modality_embeddings(trained_checkpoint: Path, 
         batch = Collator(processors)([CMANDataset(items, processors)[i] for i in range(3)])
         with torch.no_grad():
             expected = model(batch["inputs"])[modality].numpy()  # (3, 512)
-        index = GalleryIndex.load(out / modality.value)
+        index = GalleryIndex.load(snapshot_path(out / CACHE_DIR, modality.value))  # what a replica starts from
         assert index.kind == "hnsw"
         hits = index.search(expected, 1)
         for item, hit in zip(items, hits, strict=True):
@@ -100,8 +106,6 @@ def test_manifest_path_outside_the_dataset_root_is_refused(trained_checkpoint: P
 
 # ---- Ray Data -------------------------------------------------------------------------------------------------
 def _gallery(out: Path) -> dict:
-    from cman.index import open_gallery
-
     return {m.value: ix for m, ix in open_gallery(out).items()}
 
 

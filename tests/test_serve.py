@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -22,7 +21,7 @@ import soundfile as sf
 from conftest import SERVE_UPLOAD_MB as UPLOAD_MB
 from conftest import run_serve_app
 
-from cman.index import open_gallery
+from cman.gallery_mirror import open_gallery
 from cman.modality import Modality
 
 pytestmark = pytest.mark.ray
@@ -211,7 +210,7 @@ def _bad_cases(root: Path) -> list[tuple[str, str, dict, dict, int, str]]:
         ("item bad id", "/items", {"id": "../../etc", "text": "a red star"}, {}, 422, "bad id"),
         ("item without media", "/items", {"id": "lonely"}, {}, 400, "at least one"),
         ("item bad image", "/items", {"id": "broken"}, {"image": ("x.png", b"nope", "image/png")}, 415, "decoded"),
-        ("item duplicate id", "/items", {"id": "@existing", "text": "a red star"}, img, 400, "duplicate id"),
+        ("item id taken", "/items", {"id": "@existing", "text": "a red star"}, img, 409, "already holds a different"),
     ]
 
 
@@ -281,7 +280,7 @@ def test_added_item_survives_restart(app) -> None:
     )
     assert response.status_code == 200, response.text
     assert sorted(response.json()["added_to"]) == ["audio", "image", "text"]
-    assert (app["index_dir"] / "media" / "added_1.image.png").read_bytes() == image  # one name per modality
+    assert not (app["index_dir"] / "media").exists()  # media are rows of the add's transaction in the store
     files = {"image": ("q.png", image, "image/png")}
     assert _search(client, "image", files=files).json()["results"][0]["id"] == "added_1"
 
@@ -292,6 +291,7 @@ def test_added_item_survives_restart(app) -> None:
     assert client.get(top["image_url"]).content == image
     assert client.get(top["audio_url"]).content == wav
     assert _search(client, "text", text=caption).json()["results"][0]["id"] == "added_1"
-    assert client.post("/items", data={"id": "added_1", "text": "again"}).status_code == 400
-    shutil.rmtree(app["index_dir"] / "media")
+    assert client.post("/items", data={"id": "added_1", "text": "again"}).status_code == 409
+    assert client.delete("/v1/items/added_1").status_code == 200
     assert client.get("/items/added_1/image").status_code == 404
+    assert client.delete("/v1/items/added_1").status_code == 404
