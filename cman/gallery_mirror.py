@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,26 @@ def snapshot_path(cache_dir: Path, modality: str) -> Path:
     return cache_dir / f"{modality}.gix"
 
 
+def remove_orphaned_snapshots(cache_dir: Path, min_age_s: float = 600.0) -> list[Path]:
+    """Remove the temporary files of snapshot writes that never finished (a replica killed while writing one leaves
+    ``.<modality>.gix.XXXX``, as large as the index). A file modified within ``min_age_s`` may still be written by a
+    live replica and is kept. Returns what was removed."""
+    removed: list[Path] = []
+    if not cache_dir.is_dir():
+        return removed
+    now = time.time()
+    for path in cache_dir.glob(".*.gix.*"):
+        try:
+            if now - path.stat().st_mtime >= min_age_s:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:
+            continue  # another replica removed it first
+    if removed:
+        logger.info("removed %d unfinished snapshot file(s) from %s", len(removed), cache_dir)
+    return removed
+
+
 class GalleryMirror:
     """The FAISS indexes of one gallery store in this process; thread-safe (searches use the indexes directly)."""
 
@@ -86,6 +107,8 @@ class GalleryMirror:
     # ---- loading -----------------------------------------------------------------------------------------------------
     def load(self) -> str:
         """Fill the indexes: from the snapshots + later changes if usable, else from the store. Returns which."""
+        if self.cache_dir is not None:
+            remove_orphaned_snapshots(self.cache_dir)
         source = "snapshot" if self._load_snapshots() else "store"
         if source == "store":
             self.seq, gathered = self.db.scan(list(self.dims))

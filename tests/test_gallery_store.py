@@ -358,6 +358,25 @@ def test_a_replica_starts_from_the_snapshots_plus_later_changes(tmp_path: Path) 
     other.close()
 
 
+def test_unfinished_snapshot_writes_are_removed_when_a_replica_starts(tmp_path: Path) -> None:
+    """A replica killed while writing a snapshot leaves `.<modality>.gix.XXXX` (as large as the index); the next
+    replica to start removes it, but not one a live replica may still be writing (modified recently)."""
+    db = GalleryDB(f"sqlite:///{tmp_path / 'gallery.db'}")
+    _add(db, "a", 1)
+    cache = tmp_path / "cache"
+    GalleryMirror(db, ["text"], DIM, IndexPolicy("flat"), cache).load()
+    orphan, writing = cache / ".text.gix.k1l2m3", cache / ".image.gix.n4o5p6"
+    cache.mkdir(exist_ok=True)
+    orphan.write_bytes(b"x" * 4096)
+    writing.write_bytes(b"y" * 4096)
+    os.utime(orphan, (time.time() - 3600, time.time() - 3600))
+    started = GalleryMirror(db, ["text"], DIM, IndexPolicy("flat"), cache)
+    started.load()
+    assert not orphan.exists() and writing.exists()
+    assert started.indexes[Modality.TEXT].ids == ["a"]
+    db.close()
+
+
 def test_auto_index_becomes_ivf_as_the_gallery_grows_and_exact_again_as_it_shrinks(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'gallery.db'}"
     policy = IndexPolicy("auto", exact_max=2600)
