@@ -31,7 +31,10 @@ PATCH_GRID_MODEL_TYPES = ("vit", "audio-spectrogram-transformer")
 
 
 class EncoderConfig(_Section):
-    """One modality's HF backbone: a hub id / local dir (`pretrained`) or a random-init HF config (`init`)."""
+    """One modality's backbone: a hub id / local dir (`pretrained`) or a random-init HF config (`init`).
+
+    Images also take EfficientNet-Lite: a weights directory (config.json + safetensors) or a .pth state dict as
+    `pretrained`, or `init: {model_type: efficientnet-lite}` (cman.models.efficientnet)."""
 
     pretrained: str | None = None
     init: dict[str, Any] | None = Field(
@@ -41,7 +44,12 @@ class EncoderConfig(_Section):
     freeze_base: bool = True
     max_length: int | None = Field(default=None, gt=0, description="text tokens / audio fbank frames")
     max_seconds: float = Field(default=10.0, gt=0, description="audio clips are cut to this length")
-    image_size: int | None = Field(default=None, gt=0, description="random-init image encoders: input size")
+    image_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="random-init image encoders: input size; EfficientNet-Lite: the centre crop (default: its "
+        "config.json's image_size, 224 for Lite0)",
+    )
     length_percentile: float | None = Field(
         default=None,
         gt=0,

@@ -18,6 +18,7 @@ from transformers import (
     AutoFeatureExtractor,
     AutoImageProcessor,
     AutoTokenizer,
+    CLIPImageProcessorPil,
     ViTImageProcessorPil,
     Wav2Vec2FeatureExtractor,
     WhisperFeatureExtractor,
@@ -169,6 +170,20 @@ class ImageProcessor:
 Processor = TextProcessor | AudioProcessor | ImageProcessor
 
 
+def lite_image_processor(size: int = 224) -> CLIPImageProcessorPil:
+    """EfficientNet-Lite's preprocessing: shorter side to `size` (PIL bilinear), centre crop `size`x`size`, RGB,
+    (x - 127) / 128 (rescale by 1/128, then mean 127/128, std 1). EXIF orientation is applied on decoding
+    (cman.data.image); an HF image processor, so checkpoints, the feature cache and Serve handle it like any other."""
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        resample=2,  # PIL.Image.BILINEAR
+        rescale_factor=1 / 128,
+        image_mean=[127 / 128] * 3,
+        image_std=[1.0] * 3,
+    )
+
+
 def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
     Path(directory, _META).write_text(json.dumps(meta))
 
@@ -201,6 +216,19 @@ def build_processor(modality: Modality, cfg: EncoderConfig, captions: list[str] 
         if cfg.max_length is not None and isinstance(extractor, ASTFeatureExtractor):
             extractor.max_length = cfg.max_length
         return AudioProcessor(extractor, max_seconds=cfg.max_seconds, normalize=cfg.normalize)
+    return _image_processor(cfg, source)
+
+
+def _image_processor(cfg: EncoderConfig, source: str | None) -> ImageProcessor:
+    """An EfficientNet-Lite backbone (weights directory, .pth, or `init`) selects its own preprocessing; an HF one
+    its `preprocessor_config.json`; a random-init ViT a plain resize to `image_size`."""
+    from cman.models.efficientnet import MODEL_TYPE, lite_config  # at call time: cman.models imports this module
+
+    init = cfg.init or {}
+    lite = lite_config(cfg.pretrained) if cfg.processor is None else None
+    if lite is not None or init.get("model_type") == MODEL_TYPE:
+        size = int(cfg.image_size or (lite.image_size if lite is not None else init.get("image_size", 224)))
+        return ImageProcessor(lite_image_processor(size))
     if source is not None:
         return ImageProcessor(AutoImageProcessor.from_pretrained(source, backend="pil"))
     size = int(cfg.image_size or init.get("image_size", 224))

@@ -1,4 +1,7 @@
-"""One modality's encoder: an HF backbone (hub id, local dir or random init) with LoRA, projected to fusion width."""
+"""One modality's encoder: an HF backbone (hub id, local dir or random init) with LoRA, projected to fusion width.
+
+Besides HF models the dispatcher knows one convnet, EfficientNet-Lite (cman.models.efficientnet), whose final feature
+map reaches the fusion as tokens like a ViT's patches."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from cman.config import EncoderConfig, LoraSettings
 from cman.modality import Modality
+from cman.models.efficientnet import MODEL_TYPE as EFFICIENTNET
+from cman.models.efficientnet import efficientnet_from_init, is_efficientnet_lite, load_efficientnet_lite
 from cman.models.lora import add_lora, lora_targets
 from cman.models.stem import add_conv_stem, patch_grid
 from cman.models.whisper import MODEL_TYPE as WHISPER
@@ -46,7 +51,8 @@ _SHA_CACHE: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: a file is ha
 
 
 def weights_sha256(source: str | None) -> str | None:
-    """Content hash of a pretrained base's weight files (a local HF model dir, or a hub id in the local HF cache).
+    """Content hash of a pretrained base's weight files (a local HF model dir, a hub id in the local HF cache, or one
+    weights file such as an EfficientNet-Lite .pth).
 
     One weight file: its plain sha256 (what `sha256sum model.safetensors` prints); several: sha256 of their sorted
     "name sha256" lines. None when no weight file can be found locally.
@@ -54,6 +60,8 @@ def weights_sha256(source: str | None) -> str | None:
     if source is None:
         return None
     directory = Path(source)
+    if directory.is_file():
+        return _file_sha256(directory)
     if not directory.is_dir():
         try:
             from huggingface_hub import snapshot_download
@@ -85,9 +93,12 @@ def _file_sha256(path: Path) -> str:
 def load_backbone(cfg: EncoderConfig, vocab_size: int | None = None, source: str | None = None) -> nn.Module:
     """Load `source` (a saved base) or `cfg.pretrained` with from_pretrained, or build `cfg.init` randomly.
 
-    A Whisper model loads as its encoder alone, its window cut to `cfg.max_seconds` (cman.models.whisper)."""
+    A Whisper model loads as its encoder alone, its window cut to `cfg.max_seconds` (cman.models.whisper); an
+    EfficientNet-Lite directory or .pth as that convnet, batch norm frozen with the base (cman.models.efficientnet)."""
     kwargs = {"attn_implementation": "sdpa"}
     source = source or cfg.pretrained
+    if is_efficientnet_lite(source):
+        return load_efficientnet_lite(source, freeze_bn=cfg.freeze_base)
     if source is not None and cfg.conv_stem:  # a saved random-init base whose patch projection is a conv stem
         model = AutoModel.from_config(AutoConfig.from_pretrained(source), **kwargs)
         add_conv_stem(model, cfg.conv_stem)
@@ -102,6 +113,8 @@ def load_backbone(cfg: EncoderConfig, vocab_size: int | None = None, source: str
             return AutoModel.from_pretrained(source)
     init = dict(cfg.init or {})
     model_type = init.pop("model_type")
+    if model_type == EFFICIENTNET:
+        return efficientnet_from_init(init, freeze_bn=cfg.freeze_base)
     if vocab_size is not None and model_type in ("roberta", "bert", "xlm-roberta"):
         init["vocab_size"] = vocab_size
     config = AutoConfig.for_model(model_type, **init)

@@ -2,24 +2,28 @@
 
 transformers 5 names ViT/AST attention `q_proj/k_proj/v_proj/o_proj`, speech SSL models and Whisper's encoder
 `q_proj/k_proj/v_proj/out_proj`, RoBERTa keeps `query/key/value`: the table below is the one place that knows it.
+A convnet's entry is a function of the model (EfficientNet-Lite: the 1x1 convolutions of its last blocks and head),
+since which layers those are depends on how many blocks it has.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from cman.config import LoraSettings
+from cman.models.efficientnet import MODEL_TYPE as EFFICIENTNET
+from cman.models.efficientnet import efficientnet_lora_targets
 
 logger = logging.getLogger(__name__)
 
-# model_type -> attention projections that receive adapters.
-LORA_TARGETS: dict[str, list[str]] = {
+# model_type -> attention projections (or, for a convnet, 1x1 convolutions) that receive adapters.
+LORA_TARGETS: dict[str, list[str] | Callable[[nn.Module], list[str]]] = {
     "roberta": ["query", "key", "value"],
     "bert": ["query", "key", "value"],
     "xlm-roberta": ["query", "key", "value"],
@@ -29,6 +33,7 @@ LORA_TARGETS: dict[str, list[str]] = {
     "wav2vec2": ["q_proj", "k_proj", "v_proj"],
     "wavlm": ["q_proj", "k_proj", "v_proj"],
     "whisper": ["q_proj", "k_proj", "v_proj"],  # the encoder's self-attention (only the encoder is loaded)
+    EFFICIENTNET: efficientnet_lora_targets,  # expand/project convs of the last LORA_LAST_BLOCKS blocks + head conv
 }
 _FALLBACK_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"))
 
@@ -38,7 +43,8 @@ def lora_targets(model: nn.Module, model_type: str, override: list[str] | None =
     if override:
         return list(override)
     if model_type in LORA_TARGETS:
-        return LORA_TARGETS[model_type]
+        entry = LORA_TARGETS[model_type]
+        return entry(model) if callable(entry) else list(entry)
     leaf_names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
     for names in _FALLBACK_NAMES:
         if set(names) <= leaf_names:
