@@ -14,6 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cman.cli_args import config_args as _config_args
+from cman.cli_args import config_path as _config_path  # noqa: F401 - `cman.cli._config_path` (tests, earlier callers)
+from cman.cli_args import flag as _flag
+from cman.cli_args import load_args_config as _load
+from cman.cli_data import data_commands as _data_commands
+
 logger = logging.getLogger("cman")
 
 EXAMPLES = """examples:
@@ -21,25 +27,9 @@ EXAMPLES = """examples:
   cman train --config configs/demo.yaml            # Ray Train (local Ray unless RAY_ADDRESS is set)
   cman eval --config configs/demo.yaml --checkpoint outputs/demo/checkpoints/best
   cman quickstart                                  # demo data -> tune -> index -> serve, offline
+  cman data import-manifest data/mine media/manifest.csv          # your own media into the dataset layout
+  cman index --checkpoint outputs/demo/checkpoints/best --from-folder photos/ --out index/  # a folder, no metadata
 """
-
-
-def _config_args(p: argparse.ArgumentParser, from_checkpoint: bool = False) -> None:
-    bundled = "demo, default, minimal, digits, digits_whisper, pretrained, pretrained_text"
-    p.add_argument(
-        "--config",
-        required=not from_checkpoint,
-        help=f"YAML config file, or a bundled one by name: {bundled}"
-        + ("; default: the checkpoint's own config.yaml" if from_checkpoint else ""),
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config key, e.g. --set training.epochs=3 (repeatable)",
-    )
 
 
 STORAGE_HELP = (
@@ -58,21 +48,6 @@ def _storage_args(p: argparse.ArgumentParser, default: str | None, what: str) ->
     _flag(p, "--local-dir", help=LOCAL_DIR_HELP)
 
 
-def _flag(p: argparse.ArgumentParser, name: str, **kwargs: Any) -> argparse.Action:
-    """A dash-style option; its underscore spelling (`--output_dir`, earlier releases) is accepted but hidden."""
-    action = p.add_argument(name, **kwargs)
-    if "_" not in name and "-" in name[2:]:
-        alias = {k: v for k, v in kwargs.items() if k in ("action", "type", "choices", "nargs", "metavar")}
-        p.add_argument(
-            "--" + name[2:].replace("-", "_"),
-            dest=action.dest,
-            default=argparse.SUPPRESS,
-            help=argparse.SUPPRESS,
-            **alias,
-        )
-    return action
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cman",
@@ -88,40 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     _training_commands(sub)
     _serving_commands(sub)
     return parser
-
-
-def _data_commands(sub: Any) -> None:
-    """demo-data, data validate / import-digits / import-coco."""
-    p = sub.add_parser("demo-data", help="write the embedded offline tri-modal dataset")
-    p.add_argument("out_dir", help="output directory (seed layout)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", choices=["small", "medium"], default="small")
-    p.set_defaults(func=cmd_demo_data)
-
-    data = sub.add_parser("data", help="dataset tools: validate, import-digits, import-coco")
-    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    p = dsub.add_parser("validate", help="check every item of every split; list all problems, exit 1 if any")
-    _config_args(p)
-    p.add_argument("--split", action="append", help="only these splits (default: train, val, test)")
-    p.set_defaults(func=cmd_validate)
-    p = dsub.add_parser("import-digits", help="real spoken digits (FSDD) + handwritten digits + number words")
-    p.add_argument("out_dir")
-    p.add_argument(
-        "--fsdd",
-        required=True,
-        metavar="DIR",
-        help="a copy of the Free Spoken Digit Dataset (its recordings/ folder inside; "
-        "https://github.com/Jakobovski/free-spoken-digit-dataset, CC BY-SA 4.0)",
-    )
-    _flag(p, "--test-speakers", default="theo", help="comma-separated speakers held out for test")
-    _flag(p, "--val-speakers", default="george", help="comma-separated speakers for validation")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_import_digits)
-    p = dsub.add_parser("import-coco", help="COCO-style photos with 5 captions each (+ espeak-ng spoken captions)")
-    p.add_argument("coco_dir")
-    p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_import_coco)
 
 
 def _training_commands(sub: Any) -> None:
@@ -168,10 +109,17 @@ def _training_commands(sub: Any) -> None:
 
 def _serving_commands(sub: Any) -> None:
     """index, serve, quickstart."""
-    p = sub.add_parser("index", help="build the FAISS gallery index of a dataset split")
+    p = sub.add_parser("index", help="build the gallery index of a dataset split, or of a folder of media")
     _config_args(p, from_checkpoint=True)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="the dataset split to index (default test)")
+    _flag(
+        p,
+        "--from-folder",
+        metavar="DIR",
+        help="index the images, audio and .txt files under DIR instead (found recursively, paired by shared stem, "
+        "id = path without extension; no metadata needed)",
+    )
     p.add_argument("--out", required=True, help="index directory")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--in-process", action="store_true", help="embed in this process without Ray Data")
@@ -210,87 +158,6 @@ def _serving_commands(sub: Any) -> None:
 
 
 # ---- commands ------------------------------------------------------------------------------------------------------
-def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None, checkpoint: Path | None = None):
-    """`--config` with `--set` and `extra` applied; without `--config`, `checkpoint`'s own config.yaml."""
-    from cman.config import load_config, parse_override
-
-    overrides: dict[str, Any] = dict(parse_override(item) for item in args.overrides)
-    overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
-    if args.config is None and checkpoint is not None:
-        return load_config(Path(checkpoint) / "config.yaml", overrides)
-    return load_config(_config_path(args.config), overrides)
-
-
-def _config_path(name: str) -> str | Path:
-    """A config file, or the name of a bundled one (`--config demo`) when no such file exists."""
-    if Path(name).exists() or "/" in name:
-        return name
-    from cman.api import bundled_config
-
-    try:
-        return bundled_config(name)
-    except FileNotFoundError:
-        return name  # load_config names the missing file
-
-
-def cmd_demo_data(args: argparse.Namespace) -> int:
-    from cman.data.demo import generate_demo_dataset
-
-    counts = generate_demo_dataset(args.out_dir, seed=args.seed, size=args.size)
-    print(f"demo dataset written to {args.out_dir}: {counts}")
-    return 0
-
-
-def cmd_validate(args: argparse.Namespace) -> int:
-    from cman.data.layout import existing_metadata
-
-    config = _load(args)
-    splits = args.split or [config.data.train_split, config.data.val_split, config.data.test_split]
-    for split in splits:  # a wrong root is one line before torch is imported
-        existing_metadata(config.data.root or ".", split)
-
-    from cman.data.dataset import load_split, problems_in_split
-    from cman.data.processors import build_processor
-
-    items = {s: load_split(config.data.root or ".", s) for s in splits}
-    captions = [i.caption for i in items[splits[0]] if i.caption]
-    processors = {m: build_processor(m, config.model.encoder(m), captions) for m in config.model.modalities}
-    problems = []
-    for split, split_items in items.items():
-        found = problems_in_split(split_items, processors)
-        print(f"{split}: {len(split_items)} items, {len(found)} problems")
-        problems += [f"{split}: {p}" for p in found]
-    for problem in problems:
-        print(problem)
-    return 1 if problems else 0
-
-
-def cmd_import_digits(args: argparse.Namespace) -> int:
-    from cman.data.importers import import_digits
-
-    counts = import_digits(
-        args.fsdd,
-        args.out_dir,
-        test_speakers=tuple(_csv(args.test_speakers)),
-        val_speakers=tuple(_csv(args.val_speakers)),
-        seed=args.seed,
-    )
-    print(f"digits dataset written to {args.out_dir}: {counts}")
-    return 0
-
-
-def cmd_import_coco(args: argparse.Namespace) -> int:
-    from cman.data.importers import import_coco
-
-    counts = import_coco(args.coco_dir, args.out_dir, seed=args.seed)
-    print(f"COCO dataset written to {args.out_dir}: {counts} (spoken captions are synthetic, espeak-ng)")
-    return 0
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     extra: dict[str, Any] = {"training.batch_size": args.batch_size, "training.epochs": args.epochs}
     if args.debug:
@@ -381,6 +248,10 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     config = _load(args, checkpoint=resolve_checkpoint(args.checkpoint))
     common = {"root": config.data.root, "kind": config.serve.index_kind, "serve": config.serve}
+    if args.from_folder is not None:
+        if not Path(args.from_folder).is_dir():  # one line before torch or Ray start
+            raise ValueError(f"--from-folder {args.from_folder} is not a directory")
+        common["folder"] = args.from_folder
     if args.in_process:
         summary = build_index(args.checkpoint, args.split, args.out, **common)
     else:

@@ -359,6 +359,9 @@ class ServeConfig(_Section):
     max_audio_seconds: float = Field(default=60.0, gt=0, description="longer audio (from its header) → 413")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="width x height; larger → 413")
     max_form_fields: int = Field(default=8, ge=4, description="form fields + files per request; more → 413")
+    max_batch_queries: int = Field(
+        default=64, ge=1, le=1024, description="queries in one /v1 request (`queries: [...]`); more → 413"
+    )
     request_timeout_s: float = Field(default=60.0, gt=0, description="a request still running after this → 504")
     body_timeout_s: float = Field(
         default=30.0, gt=0, description="a request body not fully received this long after it started → 408"

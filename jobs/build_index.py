@@ -1,5 +1,6 @@
-"""Build the gallery of a dataset split for `cman index` / Serve: every item's vectors into the gallery store
-(`serve.gallery_store`, default `sqlite:///INDEX_DIR/gallery.db`), then one cached FAISS snapshot per modality.
+"""Build the gallery of a dataset split, or of a folder of media, for `cman index` / Serve: every item's vectors into
+the gallery store (`serve.gallery_store`, default `sqlite:///INDEX_DIR/gallery.db`), then one cached FAISS snapshot per
+modality (writing: `cman.gallery_build`).
 
 Each modality is embedded on its own (a gallery item is one image, one clip or one caption), in batches, with a
 progress bar. Media shared by several items (one Flickr8k image with 5 captions) become one gallery item. Building
@@ -22,8 +23,8 @@ from torch.utils.data import DataLoader
 
 from cman.config import ServeConfig
 from cman.data.dataset import CMANDataset, Collator, Item, load_split
-from cman.gallery_mirror import CACHE_DIR, GalleryMirror, IndexPolicy, open_store
-from cman.gallery_schema import redact
+from cman.data.folder import scan_folder
+from cman.gallery_build import item_record, write_gallery, write_meta
 from cman.modality import Modality
 from cman.models.cman import CMAN
 from cman.training import amp_dtype, compute_embeddings, resolve_device
@@ -43,35 +44,18 @@ def unique_items(items: list[Item], modality: Modality) -> list[Item]:
     return out
 
 
-def item_record(item: Item, root: Path) -> dict[str, Any]:
-    """What the index stores per item: id, caption and absolute media paths (absent fields are left out).
-
-    A media path outside the dataset `root` (an absolute path or `..` in a manifest) is an error: the Retriever
-    serves these files, so a manifest must not be able to point it anywhere else.
-    """
-    record: dict[str, Any] = {"id": item.id, "group": item.group}
-    if item.caption is not None:
-        record["caption"] = item.caption
-    for kind, path in (("image", item.image_path), ("audio", item.audio_path)):
-        if path is None:
-            continue
-        resolved = Path(path).resolve()
-        if not resolved.is_relative_to(root):
-            raise ValueError(f"item {item.id}: {kind} file {path} is outside the dataset root {root}; fix the manifest")
-        record[f"{kind}_path"] = str(resolved)
-    return record
-
-
 def build_index(
     checkpoint: str | Path,
-    split: str,
+    split: str | None,
     out_dir: str | Path,
     root: str | Path | None = None,
     kind: str = "flat",
     serve: ServeConfig | None = None,
     progress: bool = True,
+    folder: str | Path | None = None,
 ) -> dict[str, int]:
-    """Single process: embed `split` (`root`, default: the checkpoint's data.root) into the gallery of `out_dir`.
+    """Single process: embed `split` (`root`, default: the checkpoint's data.root), or every medium under `folder`
+    (`cman.data.folder`; then `split` and `root` are not used), into the gallery of `out_dir`.
 
     Also writes `out_dir/index_meta.json`. Returns the number of gallery items per modality. `progress`: a progress
     bar per modality (the quickstart's few-second index goes without).
@@ -80,8 +64,7 @@ def build_index(
     checkpoint, out_dir = Path(checkpoint).resolve(), Path(out_dir).resolve()
     model = CMAN.from_pretrained(checkpoint).merge_adapters()
     config = model.config
-    data_root = _data_root(root, config)
-    items = load_split(data_root, split)
+    items, data_root, skip_bad = gallery_source(split, root, config, folder)
     device = resolve_device(config.ray.use_gpu)
     model.to(device)
     dtype = amp_dtype(device, config.training.mixed_precision)
@@ -89,25 +72,46 @@ def build_index(
     for modality in model.modalities:
         gallery = unique_items(items, modality)
         if not gallery:
-            logger.warning("split %s has no %s; no %s index written", split, modality.value, modality.value)
+            logger.warning("%s has no %s; no %s index written", folder or split, modality.value, modality.value)
             continue
         processors = {modality: model.processors[modality]}
-        dataset = CMANDataset(gallery, processors, skip_bad_items=config.data.skip_bad_items)
+        dataset = CMANDataset(gallery, processors, skip_bad_items=skip_bad)
         loader = DataLoader(
             dataset,
             batch_size=config.training.eval_batch_size,
             collate_fn=Collator(processors),
             num_workers=config.data.num_workers,
         )
-        logger.info("embedding %d %s items of %s/%s", len(gallery), modality.value, data_root, split)
+        logger.info("embedding %d %s items of %s", len(gallery), modality.value, folder or f"{data_root}/{split}")
         embedded = compute_embeddings(model, loader, device, dtype, progress=progress)[modality]
         by_key = {item.key(modality): item for item in gallery}
         records = [item_record(by_key[key], data_root) for key in embedded.keys]
         galleries[modality] = (embedded.embeddings, records)
     counts = write_gallery(out_dir, galleries, kind, serve)
-    write_meta(out_dir, checkpoint, split, data_root, kind, len(items), counts, serve)
+    split = None if folder is not None else split
+    write_meta(out_dir, checkpoint, split, data_root, kind, len(items), counts, serve, **_folder_meta(folder))
     logger.info("index written to %s: %s (%.1f s)", out_dir, counts, time.perf_counter() - start)
     return counts
+
+
+def gallery_source(
+    split: str | None, root: str | Path | None, config: Any, folder: str | Path | None
+) -> tuple[list[Item], Path, bool]:
+    """(items, the root their media lie under, whether to skip undecodable items) of a split or of a folder.
+
+    A folder's files that cannot be decoded are skipped (logged): a photo folder holds what it holds; a dataset split
+    follows `data.skip_bad_items` (`cman data validate` lists its problems first).
+    """
+    if folder is not None:
+        return scan_folder(folder), Path(folder).resolve(), True
+    if not split:
+        raise ValueError("index a split (split=) or a folder (folder=)")
+    data_root = _data_root(root, config)
+    return load_split(data_root, split), data_root, config.data.skip_bad_items
+
+
+def _folder_meta(folder: str | Path | None) -> dict[str, Any]:
+    return {"folder": str(Path(folder).resolve())} if folder is not None else {}
 
 
 def _data_root(root: str | Path | None, config: Any) -> Path:
@@ -116,63 +120,14 @@ def _data_root(root: str | Path | None, config: Any) -> Path:
     return Path(root or config.data.root).resolve()
 
 
-def write_gallery(
-    out_dir: Path, galleries: dict[Modality, tuple[np.ndarray, list[dict]]], kind: str, serve: ServeConfig | None
-) -> dict[str, int]:
-    """Store every item with its vector per modality (`galleries`: modality -> (vectors, records)), in transactions
-    of 1000 items, then write the FAISS snapshots of `kind` (`auto`: by size, from `serve`) that replicas start from.
-    Returns the items per modality."""
-    serve = serve or ServeConfig()
-    entries: dict[str, tuple[dict, dict[str, np.ndarray]]] = {}
-    for modality, (vectors, records) in galleries.items():
-        for vector, record in zip(vectors, records, strict=True):
-            entries.setdefault(str(record["id"]), (record, {}))[1][modality.value] = vector
-    out_dir.mkdir(parents=True, exist_ok=True)
-    db = open_store(out_dir, serve.gallery_store)
-    try:
-        batch = list(entries.values())
-        changed = sum(db.put_many([(r, v, None) for r, v in batch[i : i + 1000]]) for i in range(0, len(batch), 1000))
-        dims = {m.value: vectors.shape[1] for m, (vectors, _) in galleries.items()}
-        policy = IndexPolicy(kind, serve.index_auto_exact_max, serve.index_auto_ann)
-        mirror = GalleryMirror(db, list(dims), next(iter(dims.values()), None), policy, out_dir / CACHE_DIR)
-        mirror.load()
-        mirror.save_snapshots()
-    finally:
-        db.close()
-    logger.info("gallery store %s: %d items changed", redact(db.url), changed)
-    return {m.value: len(records) for m, (_, records) in galleries.items()}
-
-
-def write_meta(
-    out_dir: Path,
-    checkpoint: Path,
-    split: str,
-    root: Path,
-    kind: str,
-    n_items: int,
-    counts: dict[str, int],
-    serve: ServeConfig | None = None,
-) -> None:
-    store = (serve or ServeConfig()).gallery_store
-    meta = {
-        "checkpoint": str(checkpoint),
-        "gallery_store": redact(store) if store else "sqlite:///INDEX_DIR/gallery.db",
-        "split": split,
-        "root": str(root),
-        "kind": kind,
-        "items_in_split": n_items,
-        "counts": counts,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    (out_dir / "index_meta.json").write_text(json.dumps(meta, indent=2))
-
-
 # ---- Ray Data -------------------------------------------------------------------------------------------------------
 class EmbedActor:
     """Ray Data actor: one modality's LoRA-merged encoder + the fusion transformer, and that modality's processor
     (what the Serve encoder replica and the Retriever run), embedding a batch of item rows on its own."""
 
-    def __init__(self, checkpoint: str, modality: str, num_threads: int, use_gpu: bool) -> None:
+    def __init__(
+        self, checkpoint: str, modality: str, num_threads: int, use_gpu: bool, skip_bad: bool | None = None
+    ) -> None:
         import torch
 
         torch.set_num_threads(max(1, num_threads))
@@ -183,7 +138,7 @@ class EmbedActor:
         config = self.model.config
         self.dtype = amp_dtype(self.device, config.training.mixed_precision)
         self.processors = {self.modality: self.model.processors[self.modality]}
-        self.skip_bad = config.data.skip_bad_items
+        self.skip_bad = config.data.skip_bad_items if skip_bad is None else skip_bad
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [_row_item(batch, i) for i in range(len(batch["key"]))]
@@ -221,13 +176,14 @@ def shard_path(out_dir: Path, modality: Modality, shard: int) -> Path:
 
 def build_index_ray(
     checkpoint: str | Path,
-    split: str,
+    split: str | None,
     out_dir: str | Path,
     root: str | Path | None = None,
     kind: str = "flat",
     serve: ServeConfig | None = None,
     address: str | None = None,
     progress: bool = True,
+    folder: str | Path | None = None,
 ) -> dict[str, int]:
     """`build_index` on Ray Data: `map_batches` over an actor pool per modality, streamed into shards.
 
@@ -239,8 +195,7 @@ def build_index_ray(
     serve = serve or ServeConfig()
     checkpoint, out_dir = Path(checkpoint).resolve(), Path(out_dir).resolve()
     meta = json.loads((checkpoint / "metadata.json").read_text())
-    data_root = _data_root(root, _checkpoint_config(checkpoint))
-    items = load_split(data_root, split)
+    items, data_root, skip_bad = gallery_source(split, root, _checkpoint_config(checkpoint), folder)
     from jobs import cluster
 
     cluster.connect(address)
@@ -251,16 +206,18 @@ def build_index_ray(
         if gallery:
             plan[modality] = [gallery[i : i + size] for i in range(0, len(gallery), size)]
         else:
-            logger.warning("split %s has no %s; no %s index written", split, modality.value, modality.value)
+            logger.warning("%s has no %s; no %s index written", folder or split, modality.value, modality.value)
     with ThreadPoolExecutor(max_workers=max(1, len(plan))) as pool:  # the modalities' actor pools run side by side
         jobs = [
-            pool.submit(_embed_shards, checkpoint, m, shards, out_dir, serve, progress) for m, shards in plan.items()
+            pool.submit(_embed_shards, checkpoint, m, shards, out_dir, serve, progress, skip_bad)
+            for m, shards in plan.items()
         ]
         for job in jobs:
             job.result()
     galleries = {modality: _load_shards(out_dir, modality, shards, data_root) for modality, shards in plan.items()}
     counts = write_gallery(out_dir, galleries, kind, serve)
-    write_meta(out_dir, checkpoint, split, data_root, kind, len(items), counts, serve)
+    split = None if folder is not None else split
+    write_meta(out_dir, checkpoint, split, data_root, kind, len(items), counts, serve, **_folder_meta(folder))
     logger.info("index written to %s: %s (%.1f s)", out_dir, counts, time.perf_counter() - start)
     return counts
 
@@ -272,7 +229,13 @@ def _checkpoint_config(checkpoint: Path) -> Any:
 
 
 def _embed_shards(
-    checkpoint: Path, modality: Modality, shards: list[list[Item]], out_dir: Path, serve: ServeConfig, progress: bool
+    checkpoint: Path,
+    modality: Modality,
+    shards: list[list[Item]],
+    out_dir: Path,
+    serve: ServeConfig,
+    progress: bool,
+    skip_bad: bool | None = None,
 ) -> None:
     import ray.data
     from tqdm import tqdm
@@ -289,6 +252,7 @@ def _embed_shards(
             modality.value,
             int(serve.index_cpus_per_actor),
             serve.index_gpus_per_actor > 0,
+            skip_bad,
         ),
         batch_size=serve.index_batch_size,
         concurrency=serve.index_actors,

@@ -7,6 +7,7 @@ fusion-width tokens + mask (numpy) for the Retriever. A bad item is an error val
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -131,9 +132,8 @@ class ModalityEncoderServer:
             out.append({"tokens": row_tokens[:length], "mask": row_mask[:length]})  # (seq, width), (seq,)
         return out
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def encode(self, payloads: list[Any]) -> list[dict[str, Any]]:
-        """Per request: {"tokens": (seq, width) float32, "mask": (seq,) bool}, or {"error", "status"}."""
+    def _encode_batch(self, payloads: list[Any]) -> list[dict[str, Any]]:
+        """Per payload: {"tokens": (seq, width) float32, "mask": (seq,) bool}, or {"error", "status"}."""
         self.batch_sizes[len(payloads)] += 1
         features = [self._features(p) for p in payloads]
         good = [i for i, f in enumerate(features) if "error" not in f]
@@ -142,6 +142,21 @@ class ModalityEncoderServer:
             for i, row in zip(good, self._run([features[i] for i in good]), strict=True):
                 results[i] = row
         return results
+
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
+    async def encode(self, payloads: list[Any]) -> list[dict[str, Any]]:
+        """One payload per request, batched with concurrent requests: see `_encode_batch`."""
+        return self._encode_batch(payloads)
+
+    async def encode_many(self, payloads: list[Any]) -> list[dict[str, Any]]:
+        """A list of payloads sent in one call (a /v1 batch), answered in order: run in batches of max_batch_size,
+        letting the replica's other requests in between them."""
+        out: list[dict[str, Any]] = []
+        size = self.settings.max_batch_size
+        for start in range(0, len(payloads), size):
+            out.extend(self._encode_batch(payloads[start : start + size]))
+            await asyncio.sleep(0)
+        return out
 
     def check_health(self) -> None:
         """Serve calls this periodically: a tiny forward through the encoder must produce finite tokens."""

@@ -32,6 +32,7 @@ from serve_app.encoders import inference_device, limit_threads
 from serve_app.errors import RequestError, raise_if_error
 from serve_app.gallery_store import GalleryStore
 from serve_app.media import allowed_roots, media_name, media_type, read_media, strip_image_metadata
+from serve_app.queries import FUSE_BATCH, field, info, item_vector, links, padded, query_vector
 
 logger = logging.getLogger(__name__)
 
@@ -148,14 +149,114 @@ class RetrieverServer:
 
     @staticmethod
     def _result(item: dict[str, Any], score: float) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": item["id"], "score": round(float(score), 6)}
-        if item.get("caption"):
-            out["caption"] = item["caption"]
-        if item.get("image_path"):
-            out["image_url"] = f"/items/{item['id']}/image"
-        if item.get("audio_path"):
-            out["audio_url"] = f"/items/{item['id']}/audio"
+        return {"id": item["id"], "score": round(float(score), 6), **links(item)}
+
+    # ---- the /v1 forms: batches, vectors, stored items -------------------------------------------------------------
+    @client_errors
+    async def search_batch(self, queries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Answers in order for queries prepared by the ingress (`serve_app.v1.prepare`): each one of {"payloads"},
+        {"vector"}, {"item_id", "item_modality"}, with "target", "k" and "where" (its place, for error messages)."""
+        for q in queries:
+            if q["target"] not in self.indexes:
+                raise RequestError(
+                    400, f"{field(q, 'target')}: unknown target {q['target']!r}; use {sorted(self.indexes)}"
+                )
+        vectors, used = await self._query_vectors(queries)
+        answers: list[dict[str, Any]] = [{} for _ in queries]
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, q in enumerate(queries):
+            groups.setdefault((q["target"], int(q["k"])), []).append(i)
+        for (target, k), rows in groups.items():  # one FAISS call per target and k
+            for i, hits in zip(rows, self.indexes[target].search(vectors[rows], k), strict=True):
+                results = [self._result(item, score) for item, score in hits]
+                answers[i] = {"query_modalities": used[i], "target": target, "results": results}
+        return answers
+
+    @client_errors
+    async def embed_batch(self, queries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Embeddings in order for queries prepared by the ingress (see `search_batch`)."""
+        vectors, used = await self._query_vectors(queries)
+        return [{"modalities": used[i], "embedding": vectors[i].tolist()} for i in range(len(queries))]
+
+    async def _query_vectors(self, queries: list[dict[str, Any]]) -> tuple[np.ndarray, list[list[str]]]:
+        """The queries' embeddings # (n, dim), and the modalities each one was made of."""
+        vectors = np.zeros((len(queries), self.dim), np.float32)  # (n, dim)
+        used: list[list[str]] = [[] for _ in queries]
+        encoded = [i for i, q in enumerate(queries) if "payloads" in q]
+        if encoded:
+            vectors[encoded] = self._fuse_many(await self._streams_many([queries[i] for i in encoded]))
+            for i in encoded:
+                used[i] = list(queries[i]["payloads"])
+        for i, q in enumerate(queries):
+            if "vector" in q:
+                vectors[i] = query_vector(q, self.dim)
+        by_item = [i for i, q in enumerate(queries) if "item_id" in q]
+        if by_item:
+            stored = await asyncio.to_thread(self.store.vectors, sorted({queries[i]["item_id"] for i in by_item}))
+            for i in by_item:
+                vectors[i], used[i] = item_vector(queries[i], stored)
+        return vectors, used
+
+    async def _streams_many(self, queries: list[dict[str, Any]]) -> list[dict[Modality, tuple[np.ndarray, np.ndarray]]]:
+        """Every query's token streams: one call per encoder with all of its payloads."""
+        calls: dict[str, list[int]] = {}
+        for i, q in enumerate(queries):
+            for m in q["payloads"]:
+                if m not in self.modalities:
+                    raise RequestError(
+                        400, f"{field(q, m)}: this model has no {m} encoder; send one of {self.modalities}"
+                    )
+                calls.setdefault(m, []).append(i)
+        names = list(calls)
+        answers = await asyncio.gather(
+            *(self._encode_all(m, [queries[i]["payloads"][m] for i in calls[m]]) for m in names)
+        )
+        streams: list[dict[Modality, tuple[np.ndarray, np.ndarray]]] = [{} for _ in queries]
+        for m, results in zip(names, answers, strict=True):
+            for i, result in zip(calls[m], results, strict=True):
+                if "error" in result:
+                    raise RequestError(int(result.get("status", 400)), f"{field(queries[i], m)}: {result['error']}")
+                streams[i][Modality(m)] = (result["tokens"], result["mask"])
+        for stream, q in zip(streams, queries, strict=True):  # the modalities in the order the query gave them
+            ordered = {Modality(m): stream[Modality(m)] for m in q["payloads"]}
+            stream.clear()
+            stream.update(ordered)
+        return streams
+
+    async def _encode_all(self, modality: str, payloads: list[Any]) -> list[dict[str, Any]]:
+        """One payload: `encode` (batched with other requests by @serve.batch); several: `encode_many`, one call."""
+        if len(payloads) == 1:
+            return [await self.encoders[modality].encode.remote(payloads[0])]
+        return await self.encoders[modality].encode_many.remote(payloads)
+
+    @torch.no_grad()
+    def _fuse_many(self, streams: list[dict[Modality, tuple[np.ndarray, np.ndarray]]]) -> np.ndarray:
+        """Embeddings of many queries # (n, dim): those of one modality combination fused together, padded."""
+        out = np.zeros((len(streams), self.dim), np.float32)
+        groups: dict[tuple[Modality, ...], list[int]] = {}
+        for i, stream in enumerate(streams):
+            groups.setdefault(tuple(stream), []).append(i)
+        for key, rows in groups.items():
+            for start in range(0, len(rows), FUSE_BATCH):
+                chunk = rows[start : start + FUSE_BATCH]
+                tensors = {m: padded([streams[i][m] for i in chunk], self.device) for m in key}
+                out[chunk] = self.fusion(tensors).float().cpu().numpy()  # (chunk, embedding_dim)
         return out
+
+    @client_errors
+    async def item_info(self, item_id: str) -> dict[str, Any]:
+        """An item's metadata: the galleries it is in, its caption and group, the URLs of its media."""
+        check_id(item_id)
+        stored = await asyncio.to_thread(self.store.existing, item_id)
+        if stored is None:
+            raise RequestError(404, f"no item with id {item_id!r} in the gallery")
+        return info(stored)
+
+    @client_errors
+    async def list_items(self, offset: int, limit: int) -> dict[str, Any]:
+        """`limit` items' metadata from `offset`, in the order they were added, and the gallery's item count."""
+        total, items = await asyncio.to_thread(self.store.page, offset, limit)
+        return {"items": [info(stored) for stored in items], "offset": offset, "limit": limit, "total": total}
 
     # ---- items -----------------------------------------------------------------------------------------------------
     @client_errors

@@ -26,6 +26,7 @@ OPEN_PATHS = frozenset({"/healthz", "/"})  # the demo page itself asks for the k
 STATE_CHANGING = frozenset({("POST", "/items"), ("POST", "/stats/reset")})
 FORM_ROUTES = frozenset({"/search", "/embed", "/items"})
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+JSON_ROUTES = frozenset({"/v1/search", "/v1/embed"})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
@@ -110,6 +111,11 @@ class GuardSettings:
         if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
             return f"cross-origin request from {origin!r} refused: state-changing routes accept same-origin requests"
         return None
+
+
+def is_json(content_type: str) -> bool:
+    kind, _, subtype = content_type.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
 def route_path(scope: dict) -> str:
@@ -207,6 +213,8 @@ class Guard:
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
         if method == "POST" and path in FORM_ROUTES and ctype not in FORM_TYPES:
             return 415, f"content type {ctype or 'none'!r} is not supported: send multipart/form-data (curl -F k=v)"
+        if method == "POST" and path in JSON_ROUTES and not is_json(ctype):
+            return 415, f"content type {ctype or 'none'!r} is not supported: send application/json (a JSON object)"
         return None
 
     async def _limited(

@@ -80,6 +80,13 @@ async def read_upload(name: str, upload: UploadFile | None, limits: Limits) -> b
         raise RequestError(413, f"{name} upload is over the {limit:,}-byte limit (max_upload_mb)")
     if not data:
         raise RequestError(400, f"{name} upload is empty; send a non-empty file")
+    check_media(name, data, limits)
+    return data
+
+
+def check_media(name: str, data: bytes, limits: Limits) -> None:
+    """The checks on media bytes before any replica decodes them: the format by content (415), and for audio the
+    declared duration (413) and decoding cost from its header."""
     if name == "audio":
         from cman.data.audio import check_audio_header
 
@@ -90,7 +97,6 @@ async def read_upload(name: str, upload: UploadFile | None, limits: Limits) -> b
         check_audio_format(data, limits.max_audio_seconds)
     else:
         check_image_format(data)
-    return data
 
 
 def check_image_format(data: bytes) -> str:

@@ -13,6 +13,8 @@ SUBCOMMANDS = [
     ["data", "validate"],
     ["data", "import-digits"],
     ["data", "import-coco"],
+    ["data", "import-flickr8k-audio"],
+    ["data", "import-manifest"],
     ["train"],
     ["eval"],
     ["tune"],
@@ -50,6 +52,11 @@ def test_help_for_every_subcommand():
             "metadata file /nonexistent/metadata/train_metadata.json not found",
         ),
         (["data", "import-digits", "/tmp/x", "--fsdd", "/nonexistent"], "FSDD directory /nonexistent not found"),
+        (["data", "import-manifest", "/nonexistent/out", "/nonexistent.csv"], "manifest /nonexistent.csv not found"),
+        (
+            ["index", "--checkpoint", "/nonexistent", "--from-folder", "/nonexistent", "--out", "/tmp/x"],
+            "is not a CMAN checkpoint",
+        ),
     ],
 )
 def test_errors_are_one_line_without_traceback(args, message):

@@ -102,6 +102,70 @@ def test_from_pretrained_names_a_bad_source(tmp_path: Path) -> None:
         CMAN.from_pretrained(tmp_path)
 
 
+def test_encode_methods_take_sentence_transformers_keywords(model, items) -> None:
+    import torch
+
+    from cman import Modality
+
+    captions = [i.caption for i in items]
+    one = model.encode_text(captions[0])
+    assert one.shape == (512,) and abs(np.linalg.norm(one) - 1) < 1e-5
+    np.testing.assert_allclose(one, model.embed(text=captions[0]), atol=1e-5)
+    np.testing.assert_allclose(model.encode(captions[0]), one, atol=1e-6)  # sentence-transformers' name
+    batch = model.encode_text(captions, batch_size=2, show_progress_bar=True, normalize_embeddings=False)
+    assert batch.shape == (3, 512)
+    np.testing.assert_allclose(batch[2], model.encode_text(captions[2]), atol=1e-5)
+    images = model.encode_image([i.image_path for i in items], convert_to_tensor=True, device="cpu")
+    assert isinstance(images, torch.Tensor) and images.shape == (3, 512)
+    np.testing.assert_allclose(images[1].numpy(), model.embed(image=items[1].image_path), atol=1e-5)
+    audio = model.encode_audio(Path(items[0].audio_path).read_bytes())
+    np.testing.assert_allclose(audio, model.embed(audio=items[0].audio_path), atol=1e-5)
+    assert model.encode_text([]).shape == (0, 512)
+    with pytest.raises(TypeError, match="encode_tokens"):
+        model.encode(Modality.TEXT, {"input_ids": None})
+
+
+def test_gallery_build_add_remove_save_and_serve(model, items, tmp_path: Path) -> None:
+    from cman import Gallery
+    from serve_app.gallery_store import GalleryStore
+
+    png = Path(items[1].image_path).read_bytes()
+    gallery = Gallery.build(
+        model,
+        [
+            {"id": "a", "text": items[0].caption, "image": items[0].image_path, "audio": items[0].audio_path},
+            {"id": "b", "image": png},  # bytes: stored in the gallery store, as the service stores uploads
+            {"id": "c", "text": items[2].caption, "image": Image.open(items[2].image_path)},
+        ],
+    )
+    assert len(gallery) == 3 and sorted(gallery.targets) == ["audio", "image", "text"]
+    hits = gallery.search(model.encode_image(png), "image", k=3)
+    assert hits[0]["id"] == "b" and "image_path" not in hits[0] and gallery.media("b", "image") == png
+    assert next(h for h in hits if h["id"] == "a")["image_path"] == str(Path(items[0].image_path).resolve())
+    with pytest.raises(ValueError, match="already in the gallery"):
+        gallery.add({"id": "a", "text": "another"})
+    out = gallery.save(tmp_path / "index")
+    store = GalleryStore(out, None, ["text", "audio", "image"], 512)  # what `cman serve --index` runs on
+    try:
+        assert store.counts() == {"text": 2, "audio": 1, "image": 3}
+        assert store.media("b", "image")[1] == png and store.existing("b").record["image_path"].startswith("media/")
+    finally:
+        store.close()
+    loaded = Gallery.load(out, model=model)
+    assert (
+        loaded.media("b", "image") == png and "image_path" not in loaded.search(model.encode_image(png), "image", 1)[0]
+    )
+    assert loaded.search(items[0].caption, "text", 1)[0]["id"] == "a"  # a text query, with the gallery's model
+    assert loaded.remove("c") == 1 and loaded.add({"id": "d", "text": "a brand new caption"}) == ["d"]
+    loaded.save()  # back to where it was loaded from: only the changes
+    again = Gallery.load(out)
+    assert sorted(again.ids) == ["a", "b", "d"] and again.get("d")["caption"] == "a brand new caption"
+    copy = again.save(tmp_path / "copy")  # elsewhere: everything, stored media included
+    assert Gallery.load(copy).media("b", "image") == png
+    with pytest.raises(ValueError, match="already holds another gallery"):
+        Gallery.build(model, [{"id": "z", "text": "one more"}]).save(out)
+
+
 # ---- the README example against the HTTP service (runs with the Serve tests: it uses `served_app`) ----------------
 def readme_example() -> str:
     text = (REPO / "README.md").read_text()

@@ -125,7 +125,7 @@ def test_frames_past_a_clip_are_masked_out(whisper_dir: Path) -> None:
     proc = model.processors[Modality.AUDIO]
     features = proc.collate([proc.features(short), proc.features(long)])
     with torch.no_grad():
-        tokens, mask = model.encode(Modality.AUDIO, features)  # (2, 25, 32), (2, 25)
+        tokens, mask = model.encode_tokens(Modality.AUDIO, features)  # (2, 25, 32), (2, 25)
         frames = math.ceil(short.size / 160)
         assert mask[0].sum().item() == math.ceil(frames / 2) and mask[1].sum().item() == math.ceil(45 / 2)
         garbage = torch.where(mask[..., None], tokens, 1e3 * torch.randn_like(tokens))  # noise where masked

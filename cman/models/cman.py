@@ -45,8 +45,8 @@ class CMAN(nn.Module):
     def modalities(self) -> list[Modality]:
         return [Modality(m) for m in self.encoders]
 
-    def encode(self, modality: Modality, features: Features) -> tuple[torch.Tensor, torch.Tensor]:
-        """One modality's fusion-width tokens (batch, seq, width) and mask (batch, seq)."""
+    def encode_tokens(self, modality: Modality, features: Features) -> tuple[torch.Tensor, torch.Tensor]:
+        """One modality's fusion-width tokens (batch, seq, width) and mask (batch, seq) (the tensor path)."""
         return self.encoders[Modality(modality).value](features)
 
     def fuse(self, streams: dict[Modality, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -54,7 +54,7 @@ class CMAN(nn.Module):
 
     def embed_features(self, inputs: dict[Modality, Features]) -> torch.Tensor:
         """A composed embedding of all modalities in `inputs` (same batch size each). # (batch, embedding_dim)"""
-        return self.fuse({Modality(m): self.encode(m, feats) for m, feats in inputs.items()})
+        return self.fuse({Modality(m): self.encode_tokens(m, feats) for m, feats in inputs.items()})
 
     def embed(self, text: Any = None, audio: Any = None, image: Any = None, **kwargs: Any) -> Any:
         """L2-normalised numpy embedding(s) of raw text / audio / image (any non-empty subset); see `cman.api.embed`."""
@@ -62,9 +62,71 @@ class CMAN(nn.Module):
 
         return embed(self, text=text, audio=audio, image=image, **kwargs)
 
+    # ---- sentence-transformers-style encoding of raw inputs (cman.embedding.encode) -----------------------------
+    def encode_text(
+        self,
+        texts: str | list[str],
+        batch_size: int = 32,
+        normalize_embeddings: bool = True,
+        convert_to_tensor: bool = False,
+        show_progress_bar: bool = False,
+        device: str | torch.device | None = None,
+    ) -> Any:
+        """Embeddings of texts with sentence-transformers' keywords: a string → (dim,), a list → (n, dim); numpy, or
+        a tensor on the model's device with `convert_to_tensor`; `device` moves the model there first."""
+        from cman.embedding import encode
+
+        options = {"normalize_embeddings": normalize_embeddings, "convert_to_tensor": convert_to_tensor}
+        kwargs = {"batch_size": batch_size, "show_progress_bar": show_progress_bar, "device": device, **options}
+        return encode(self, Modality.TEXT, texts, **kwargs)
+
+    def encode_audio(
+        self,
+        audio: Any,
+        batch_size: int = 32,
+        normalize_embeddings: bool = True,
+        convert_to_tensor: bool = False,
+        show_progress_bar: bool = False,
+        device: str | torch.device | None = None,
+        sample_rate: int | None = None,
+    ) -> Any:
+        """Embeddings of audio: a path, encoded bytes (WAV/FLAC/OGG/MP3) or a 1-D float waveform with `sample_rate`;
+        a list of them → (n, dim). Keywords as `encode_text`."""
+        from cman.embedding import encode
+
+        options = {"normalize_embeddings": normalize_embeddings, "convert_to_tensor": convert_to_tensor}
+        kwargs = {"batch_size": batch_size, "show_progress_bar": show_progress_bar, "device": device, **options}
+        return encode(self, Modality.AUDIO, audio, sample_rate=sample_rate, **kwargs)
+
+    def encode_image(
+        self,
+        images: Any,
+        batch_size: int = 32,
+        normalize_embeddings: bool = True,
+        convert_to_tensor: bool = False,
+        show_progress_bar: bool = False,
+        device: str | torch.device | None = None,
+    ) -> Any:
+        """Embeddings of images: a path, encoded bytes or a PIL image; a list → (n, dim). Keywords as `encode_text`."""
+        from cman.embedding import encode
+
+        options = {"normalize_embeddings": normalize_embeddings, "convert_to_tensor": convert_to_tensor}
+        kwargs = {"batch_size": batch_size, "show_progress_bar": show_progress_bar, "device": device, **options}
+        return encode(self, Modality.IMAGE, images, **kwargs)
+
+    def encode(self, sentences: str | list[str], *args: Any, **kwargs: Any) -> Any:
+        """`encode_text` under sentence-transformers' name: `model.encode("a dog on a beach")` → (dim,) numpy.
+        (The tensor method once called `encode(modality, features)` is `encode_tokens`.)"""
+        if isinstance(sentences, Modality) and args and isinstance(args[0], dict):
+            raise TypeError(
+                "CMAN.encode(modality, features) is now CMAN.encode_tokens(modality, features); encode() embeds "
+                "texts like sentence-transformers (see also encode_audio, encode_image)"
+            )
+        return self.encode_text(sentences, *args, **kwargs)
+
     def forward(self, inputs: dict[Modality, Features]) -> dict[Modality, torch.Tensor]:
         """Each modality embedded on its own: modality → (batch_m, embedding_dim)."""
-        return {Modality(m): self.fuse({Modality(m): self.encode(m, feats)}) for m, feats in inputs.items()}
+        return {Modality(m): self.fuse({Modality(m): self.encode_tokens(m, feats)}) for m, feats in inputs.items()}
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         for enc in self.encoders.values():
