@@ -18,6 +18,7 @@ from cman.cli_args import config_args as _config_args
 from cman.cli_args import config_path as _config_path  # noqa: F401 - `cman.cli._config_path` (tests, earlier callers)
 from cman.cli_args import flag as _flag
 from cman.cli_args import load_args_config as _load
+from cman.cli_config import config_commands as _config_commands
 from cman.cli_data import data_commands as _data_commands
 
 logger = logging.getLogger("cman")
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_commands(sub)
     _training_commands(sub)
     _serving_commands(sub)
+    _config_commands(sub)
     return parser
 
 

@@ -7,6 +7,7 @@ naming the key (``ConfigError: model.fusion.heads: ...``) before anything expens
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import re
 from pathlib import Path
@@ -427,13 +428,27 @@ class CMANConfig(_Section):
         return from_dict(apply_overrides(self.to_dict(), overrides))
 
 
+def _did_you_mean(loc: tuple) -> str:
+    """`; did you mean 'x'?` for an unknown key at `loc`, from the keys its section knows."""
+    section: Any = CMANConfig
+    for part in loc[:-1]:
+        field = getattr(section, "model_fields", {}).get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        section = annotation
+    known = list(getattr(section, "model_fields", {}))
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    return f"; did you mean {'.'.join(map(str, (*loc[:-1], close[0])))!r}?" if close else ""
+
+
 def _format_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check spelling; see configs/default.yaml for the known keys)"
+            msg = "unknown key" + _did_you_mean(e["loc"]) + " (`cman config schema` lists every key)"
         lines.append(f"{key}: {msg}")
     return "; ".join(lines)
 
@@ -517,7 +532,7 @@ def resolve_model_paths(data: dict[str, Any], config_path: str | Path) -> dict[s
 def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> CMANConfig:
     """Load a YAML config; relative `data.root` is resolved against the current directory."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():  # a pipe is fine: --config <(cman config show ...)
         raise ConfigError(f"config file {path} not found")
     try:
         data = yaml.safe_load(path.read_text()) or {}

@@ -21,6 +21,8 @@ SUBCOMMANDS = [
     ["index"],
     ["serve"],
     ["quickstart"],
+    ["config", "show"],
+    ["config", "schema"],
 ]
 
 

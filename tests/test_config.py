@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from tiny import REPO
 
@@ -81,3 +83,34 @@ def test_flat_view_for_trackers():
     flat = load_config(CONFIGS / "demo.yaml").flat()
     assert flat["peft.rank"] == 8 and flat["model.fusion.layers"] == 2
     assert all(isinstance(v, str | int | float | bool | type(None)) for v in flat.values()), flat
+
+
+def test_config_show_round_trips_merges_in_order_and_schema_lists_every_key(tmp_path: Path, capsys) -> None:
+    """`cman config show` prints the resolved config (defaults included) that loads back to the same config;
+    several --config files merge in order; `cman config schema` is the JSON schema; unknown keys get a suggestion."""
+    import json
+
+    from cman.cli import main
+    from cman.config import ConfigError
+
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("training:\n  epochs: 7\nmodel:\n  fusion:\n    layers: 1\n")
+    assert main(["config", "show", "--config", "demo", "--config", str(extra), "--set", "training.batch_size=5"]) == 0
+    shown = tmp_path / "shown.yaml"
+    shown.write_text(capsys.readouterr().out)
+    config = load_config(shown)
+    assert (config.training.epochs, config.training.batch_size, config.model.fusion.layers) == (7, 5, 1)
+    demo = load_config(REPO / "configs" / "demo.yaml", {"training.epochs": 7, "training.batch_size": 5})
+    assert config.model.text == demo.model.text and config.loss == demo.loss  # the rest is demo.yaml's
+    assert "warmup_ratio" in shown.read_text()  # defaults included, not only what the files set
+    assert main(["config", "show", "--config", str(shown)]) == 0
+    assert capsys.readouterr().out == shown.read_text()  # a fixed point
+
+    assert main(["config", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert {"model", "training", "tune", "serve"} <= set(schema["properties"])
+
+    with pytest.raises(ConfigError, match=r"training\.epoch: unknown key; did you mean 'training\.epochs'"):
+        load_config(REPO / "configs" / "demo.yaml", {"training.epoch": 3})
+    with pytest.raises(ConfigError, match=r"did you mean 'model\.fusion\.layers'"):
+        load_config(REPO / "configs" / "demo.yaml", {"model.fusion.layerz": 3})
