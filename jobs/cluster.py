@@ -34,6 +34,9 @@ JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in a `ray job submi
 # run, polling for nodes being drained) has no other node to watch there, and its creation logs a core_worker ERROR
 # ("constructor arguments in the object store and max_restarts > 0") on the console of every run and sweep trial.
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Ray Train gives up on a worker group that cannot start within 60 s. A cluster that lost a node (or waits for its
+# autoscaler) has the capacity back only when another trial ends: the run waits for it instead of failing.
+TRAIN_START_TIMEOUT = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800")
 
 
 def cluster_address(address: str | None = None) -> str | None:
@@ -55,7 +58,11 @@ def connect(
         return False
     address = cluster_address(address)
     verbose = is_verbose() if verbose is None else verbose
-    env_vars = {k: os.environ[k] for k in WORKER_ENV_VARS if k in os.environ and k not in job_env_vars()}
+    os.environ.setdefault(*TRAIN_START_TIMEOUT)  # read by Ray Train in this process and handed to its controllers
+    given = job_env_vars()
+    env_vars = {
+        k: os.environ[k] for k in (*WORKER_ENV_VARS, TRAIN_START_TIMEOUT[0]) if k in os.environ and k not in given
+    }
     if not verbose:
         env_vars = {**QUIET_WORKER_ENV, **env_vars}
         os.environ.update({k: v for k, v in QUIET_WORKER_ENV.items() if k not in os.environ})

@@ -14,7 +14,17 @@ import ray_cluster
 from tiny import REPO
 
 JOB_TIMEOUT_S = 420
-UPLOAD_EXCLUDES = [".venv", ".git", "outputs", "data", "runs", "ray_results", "tests/artifacts", "bench/results"]
+# anchored to the working dir: a bare "data" would also leave out cman/data (unnoticed where cman is pip-installed -e)
+UPLOAD_EXCLUDES = [
+    "/.venv",
+    "/.git",
+    "/outputs",
+    "/data",
+    "/runs",
+    "/ray_results",
+    "/tests/artifacts",
+    "/bench/results",
+]
 
 
 @pytest.fixture()

@@ -33,15 +33,18 @@ TRIALS_DIR = "trials"  # Ray Train runs (checkpoints), one per trial id
 REPORT_EVERY_S = 120  # Tune's status table: at most every 2 minutes (and once at the end)
 STATE_FILE = "sweep.json"  # MLflow ids, so a resumed sweep keeps logging into the same parent run
 
-DRIVER_CPU_SHARE = 0.1  # part of tune.cpus_per_trial taken by the trial's driver; the Train workers get the rest
+# The trial's driver (it only builds the TorchTrainer and waits) holds no CPU, only a token of memory: a driver holding
+# CPU can deadlock a cluster that shrank (two trials' drivers on the one node left, neither's Train worker fits) —
+# seen when a node was lost mid-sweep (tests/test_cluster.py). Tune rejects an empty request, hence the memory.
+DRIVER_RESOURCES = {"cpu": 0, "gpu": 0, "memory": 100 * 2**20}
 
 
 # ---- one trial ------------------------------------------------------------------------------------------------
 def trial_resources(config: CMANConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """(Tune driver resources, Train overrides): a trial reserves `tune.cpus_per_trial`/`gpus_per_trial` in total."""
+    """(Tune driver resources, Train overrides): the trial's Train workers share `tune.cpus_per_trial` /
+    `gpus_per_trial`; the driver holds none (`DRIVER_RESOURCES`)."""
     tc, workers = config.tune, max(config.ray.num_workers, 1)
-    driver_cpu = round(tc.cpus_per_trial * DRIVER_CPU_SHARE, 4)
-    per_worker = {"CPU": round((tc.cpus_per_trial - driver_cpu) / workers, 4)}
+    per_worker = {"CPU": round(tc.cpus_per_trial / workers, 4)}
     if tc.gpus_per_trial:
         per_worker["GPU"] = round(tc.gpus_per_trial / workers, 4)
     overrides = {
@@ -49,7 +52,7 @@ def trial_resources(config: CMANConfig) -> tuple[dict[str, float], dict[str, Any
         "ray.use_gpu": tc.gpus_per_trial > 0,
         "training.num_threads": None,  # the worker's CPU share, rounded up (jobs.train.set_worker_threads)
     }
-    return {"cpu": driver_cpu, "gpu": 0}, overrides
+    return dict(DRIVER_RESOURCES), overrides
 
 
 def check_trial_fits(config: CMANConfig, cluster: dict[str, float]) -> None:
@@ -70,8 +73,8 @@ def check_trial_fits(config: CMANConfig, cluster: dict[str, float]) -> None:
 def fit_concurrency(config: CMANConfig, cluster: dict[str, float]) -> CMANConfig:
     """`config` with `tune.max_concurrent` lowered to the trials the (local) cluster can run at once, with a warning.
 
-    Trials that do not all fit deadlock: each trial's driver takes its CPU share first, and then no trial's Train
-    workers find the rest (measured: configs/demo.yaml with --max-concurrent 2 on 2 CPUs waited forever)."""
+    Trials that do not all fit would only wait for each other's Train workers (their drivers hold no CPU), each
+    retrying its worker group start: run them one after another instead."""
     tc = config.tune
     fits = [int(cluster.get("CPU", 0.0) // tc.cpus_per_trial)]
     if tc.gpus_per_trial:
@@ -80,8 +83,7 @@ def fit_concurrency(config: CMANConfig, cluster: dict[str, float]) -> CMANConfig
     if tc.max_concurrent <= at_once:
         return config
     logger.warning(
-        "tune.max_concurrent: %d trials of %g CPUs do not fit this Ray's %g CPUs at once (they would wait for each "
-        "other forever); running %d at a time",
+        "tune.max_concurrent: %d trials of %g CPUs do not fit this Ray's %g CPUs at once; running %d at a time",
         tc.max_concurrent,
         tc.cpus_per_trial,
         cluster.get("CPU", 0.0),
@@ -230,7 +232,8 @@ def build_tuner(config: CMANConfig, where: RunLocation, callbacks: list, study_n
         callbacks=callbacks,
         progress_reporter=_reporter(config),
         verbose=2 if cluster.is_verbose() else 1,  # 1: the status table every 30 s and the final table
-        failure_config=tune.FailureConfig(max_failures=0),
+        # a trial whose process died (its node lost) is started again, and its Train run resumes from its checkpoint
+        failure_config=tune.FailureConfig(max_failures=config.ray.max_failures),
     )
     return tune.Tuner(
         _trainable(config, where), param_space=param_space(config), tune_config=tune_config, run_config=run_config
