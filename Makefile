@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 		|| echo "warning: could not install Debian's postgresql (the gallery store's PostgreSQL tests need it)"
 	command -v cc >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq gcc) \
 		|| echo "warning: could not install gcc (tests/test_gallery_store.py builds an fsync-failing shim with it)"
+	command -v ip >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq iproute2) \
+		|| echo "warning: could not install iproute2 (tests/test_cluster.py puts Ray nodes in network namespaces)"
 	touch $(STAMP)
 
 demo: install
