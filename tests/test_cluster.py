@@ -149,7 +149,11 @@ def test_a_sweep_across_two_nodes_in_s3_survives_losing_the_worker_node(cluster:
     for path in (local / "mlflow.db", Path(ray_tmp) / "head" / "session_latest"):
         assert path.exists() and str(path) not in seen, (path, sorted(seen)[:20])
 
-    # the worker node is lost: every process in its namespace, SIGKILL
+    # the worker node is lost once Ray Train registered the first checkpoint of the trial training there (a worker
+    # killed before its controller took the report would restart from scratch): every process in its namespace
+    killed_trial = next(p.name.split("-")[1] for p in pause.glob("*.paused") if int(p.read_text()) in on["worker"])
+    snapshot = f"sweep/trials/{killed_trial}/ray_results/cman_train/checkpoint_manager_snapshot.json"
+    _wait("checkpoint 1 registered", lambda: _registered_epoch(env, snapshot) >= EPOCHS - 1, 120, client, job_id)
     pids = _node_pids(env["CMAN_NS_WORKER"])
     subprocess.run(["kill", "-KILL", *map(str, pids)], check=False)
     (pause / "go").touch()
@@ -173,8 +177,11 @@ def test_a_sweep_across_two_nodes_in_s3_survives_losing_the_worker_node(cluster:
         for line in _read(env, f"sweep/{p}").splitlines()
         if line.strip()
     ]
-    resumed = [r for r in results if r.get("start_epoch", 0) >= 1]
-    assert resumed, "no trial resumed from its checkpoint after the node was lost"
+    killed = [
+        (r.get("trial_id"), r.get("epoch"), r.get("start_epoch")) for r in results if r.get("trial_id") == killed_trial
+    ]
+    # the trial whose Train worker died finished its last epoch in a restarted run that began after epoch 1
+    assert killed and killed[-1][1:] == (EPOCHS, EPOCHS - 1), (killed_trial, killed, logs[-3000:])
 
     mlflow = MlflowClient(f"sqlite:///{local / 'mlflow.db'}")
     runs = mlflow.search_runs([e.experiment_id for e in mlflow.search_experiments()])
@@ -187,6 +194,15 @@ def test_a_sweep_across_two_nodes_in_s3_survives_losing_the_worker_node(cluster:
     assert after == before, sorted(set(after) ^ set(before))[:20]
     outside = {p.name for p in (state / "head").iterdir()} - {"sweep"}
     assert not outside, outside
+
+
+def _registered_epoch(env: dict[str, str], path: str) -> int:
+    """Epoch of the checkpoint Ray Train's controller registered as its latest (its snapshot in the bucket), or 0."""
+    try:
+        latest = json.loads(_read(env, path)).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError):  # not written yet
+        return 0
+    return int((latest.get("metrics") or {}).get("epoch", 0))
 
 
 def _read(env: dict[str, str], path: str) -> str:

@@ -49,8 +49,8 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-EXPECTED_IDS = ["2024/dog", "2024/notes", "beach", "broken", "pics/cat.gif", "pics/cat.webp", "pics/x"]
-EXPECTED_IDS = sorted([*EXPECTED_IDS, "sounds/bird", "sounds/rain"])
+EXPECTED_IDS = ["2024.dog", "2024.notes", "beach", "broken", "pics.cat.gif", "pics.cat.webp", "pics.x"]
+EXPECTED_IDS = sorted([*EXPECTED_IDS, "sounds.bird", "sounds.rain"])
 
 
 def test_scan_pairs_by_stem_and_names_items_by_relative_path(folder: Path) -> None:
@@ -59,9 +59,9 @@ def test_scan_pairs_by_stem_and_names_items_by_relative_path(folder: Path) -> No
     beach = items["beach"]
     assert beach.caption == "waves on a sandy beach" and beach.group == "beach"
     assert beach.image_path == folder / "beach.jpg" and beach.audio_path == folder / "beach.wav"
-    assert items["2024/dog"].caption == "a brown dog" and items["2024/dog"].audio_path is None
-    assert items["2024/notes"].image_path is None and items["sounds/rain"].audio_path.suffix == ".flac"
-    assert items["pics/cat.gif"].image_path.name == "cat.gif" and items["pics/cat.gif"].caption is None
+    assert items["2024.dog"].caption == "a brown dog" and items["2024.dog"].audio_path is None
+    assert items["2024.notes"].image_path is None and items["sounds.rain"].audio_path.suffix == ".flac"
+    assert items["pics.cat.gif"].image_path.name == "cat.gif" and items["pics.cat.gif"].caption is None
 
 
 def test_scan_errors(tmp_path: Path) -> None:
@@ -90,9 +90,9 @@ def test_folder_index_loads_as_served_with_items_by_id(index_dir: Path, folder: 
     meta = json.loads((index_dir / "index_meta.json").read_text())
     assert meta["root"] == str(folder.resolve()) and meta["folder"] == str(folder.resolve()) and meta["split"] is None
     gallery = {m.value: index for m, index in open_gallery(index_dir).items()}  # what a Retriever replica loads
-    assert sorted(gallery["image"].ids) == ["2024/dog", "beach", "pics/cat.gif", "pics/cat.webp", "pics/x"]
-    assert sorted(gallery["audio"].ids) == ["beach", "sounds/bird", "sounds/rain"]
-    assert sorted(gallery["text"].ids) == ["2024/dog", "2024/notes", "beach"]
+    assert sorted(gallery["image"].ids) == ["2024.dog", "beach", "pics.cat.gif", "pics.cat.webp", "pics.x"]
+    assert sorted(gallery["audio"].ids) == ["beach", "sounds.bird", "sounds.rain"]
+    assert sorted(gallery["text"].ids) == ["2024.dog", "2024.notes", "beach"]
     record = gallery["image"].get("beach")
     assert record["caption"] == "waves on a sandy beach" and record["audio_path"] == str(folder / "beach.wav")
     for name, index in gallery.items():  # each item is found by its own vector
@@ -109,8 +109,8 @@ def test_the_retriever_serves_the_folder_index_and_its_media(index_dir: Path, fo
     store = GalleryStore(index_dir, None, ["text", "audio", "image"], dim)
     try:
         assert store.counts() == {"image": 5, "audio": 3, "text": 3}
-        record = store.existing("2024/dog").record
-        data, media_type = read_media(index_dir, allowed_roots(index_dir), "2024/dog", "image", record["image_path"])
+        record = store.existing("2024.dog").record
+        data, media_type = read_media(index_dir, allowed_roots(index_dir), "2024.dog", "image", record["image_path"])
         assert data == (folder / "2024" / "dog.png").read_bytes() and media_type == "image/png"
     finally:
         store.close()

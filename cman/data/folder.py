@@ -2,15 +2,18 @@
 
 Images, audio and ``.txt`` files are found recursively (hidden files and folders skipped; symbolic links to folders
 not followed). Files of one folder that share a stem form one item (``beach.jpg`` + ``beach.wav`` + ``beach.txt``),
-whose id is the path relative to the folder without extension (``2024/beach``) and whose text is the ``.txt`` file's
-content. Where a stem has two files of one kind (``a.jpg`` and ``a.png``) nothing is paired: each file of that stem is
-an item of its own, its id keeping the extension (``a.jpg``).
+whose id is the path relative to the folder without extension, spelt as the service's item routes accept ids
+(``2024/beach`` → ``2024.beach``: ``/`` becomes ``.``, other characters outside ``[A-Za-z0-9_.-]`` become ``_``, a
+clash gets ``-2``, ``-3``...), and whose text is the ``.txt`` file's content. Where a stem has two files of one kind
+(``a.jpg`` and ``a.png``) nothing is paired: each file of that stem is an item of its own, its id keeping the
+extension (``a.jpg``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
@@ -24,6 +27,19 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 TEXT_SUFFIXES = (".txt",)
 MAX_TEXT_BYTES = 1 << 20  # a bigger .txt is not a caption
 MAX_ID_CHARS = 128  # the gallery store's id column
+_NOT_ID = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def item_id(relative: str, taken: set[str]) -> str:
+    """`relative` (a posix path without extension) as an id the service's item routes accept, unique in `taken`."""
+    base = _NOT_ID.sub("_", relative.replace("/", "."))
+    base = base if base[:1].isalnum() else f"x{base}"
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}-{n}"
+    taken.add(candidate)
+    return candidate
 
 
 def media_kind(path: Path) -> str | None:
@@ -83,15 +99,16 @@ def scan_folder(folder: str | Path) -> list[Item]:
     root = Path(folder).resolve()
     if not root.is_dir():
         raise DataError(f"folder {folder} not found: pass a directory of images, audio and .txt files")
-    items = []
-    for (where, stem), kinds in _walk(root).items():
+    items, taken = [], set()
+    for (where, stem), kinds in sorted(_walk(root).items()):
         base = (PurePosixPath(where) / stem).as_posix() if where != "." else stem
         if all(len(paths) == 1 for paths in kinds.values()):
-            items.append(_item(base, {kind: paths[0] for kind, paths in kinds.items()}))
+            items.append(_item(item_id(base, taken), {kind: paths[0] for kind, paths in kinds.items()}))
             continue
         names = sorted(p.name for paths in kinds.values() for p in paths)
         logger.warning("%s: %s share a stem with two files of one kind; each is an item of its own", where, names)
-        items.extend(_item(f"{base}{p.suffix}", {kind: p}) for kind, paths in kinds.items() for p in paths)
+        for kind, paths in kinds.items():
+            items.extend(_item(item_id(f"{base}{p.suffix}", taken), {kind: p}) for p in sorted(paths))
     items = sorted((item for item in items if item is not None), key=lambda item: item.id)
     if not items:
         raise DataError(f"folder {folder} holds no images, audio or .txt files ({', '.join(IMAGE_SUFFIXES)}, ...)")
