@@ -350,6 +350,28 @@ class GalleryDB:
             row = conn.execute(Q.media, {"item_id": item_id, "kind": kind}).first()
         return None if row is None else (row.name, bytes(row.data))
 
+    def vectors_of(self, item_ids: list[str]) -> dict[str, dict[str, np.ndarray]]:
+        """id -> modality -> the stored vector, for those of ``item_ids`` in the store."""
+        query = sa.select(vectors_t.c.item_id, vectors_t.c.modality, vectors_t.c.vector)
+        out: dict[str, dict[str, np.ndarray]] = {}
+        with store_errors("reading item vectors", self.url), self._read() as conn:
+            for row in conn.execute(query.where(vectors_t.c.item_id.in_(item_ids))):
+                out.setdefault(row.item_id, {})[row.modality] = np.frombuffer(row.vector, "<f4").astype(np.float32)
+        return out
+
+    def page(self, offset: int, limit: int) -> tuple[int, list[StoredItem]]:
+        """The number of items, and ``limit`` items from ``offset`` in the order they were added (stable: a new item
+        goes last, a deleted one leaves the order of the others as it was)."""
+        with store_errors("listing items", self.url), self._read() as conn:
+            total = int(conn.execute(sa.select(sa.func.count()).select_from(items_t)).scalar() or 0)
+            rows = conn.execute(sa.select(items_t).order_by(items_t.c.seq).offset(offset).limit(limit)).all()
+            found: dict[str, list[str]] = {row.id: [] for row in rows}
+            if found:
+                query = sa.select(vectors_t.c.item_id, vectors_t.c.modality).where(vectors_t.c.item_id.in_(list(found)))
+                for row in conn.execute(query):
+                    found[row.item_id].append(row.modality)
+        return total, [StoredItem(r.id, int(r.seq), json.loads(r.record), r.digest, sorted(found[r.id])) for r in rows]
+
     def head(self) -> int:
         """The newest change's sequence number (0 for an empty store)."""
         with store_errors("reading the change sequence", self.url), self._read() as conn:

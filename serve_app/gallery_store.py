@@ -11,7 +11,6 @@ anything else (retry: writes are idempotent), 409 another item under the id, 404
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -22,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sqlalchemy as sa
 
-from cman.gallery_db import ItemConflict, StoredItem, StoreError, store_errors
+from cman.gallery_db import ItemConflict, StoredItem, StoreError
 from cman.gallery_mirror import CACHE_DIR, GalleryMirror, IndexPolicy, open_store
-from cman.gallery_schema import items_t, redact, vectors_t
+from cman.gallery_schema import redact
 from cman.index import GalleryIndex
 from cman.modality import Modality
 from serve_app.errors import RequestError
@@ -173,41 +171,15 @@ class GalleryStore:
             return self.db.media(item_id, kind)
 
     # ---- reads for the /v1 API (straight from the store, the source of truth) ----------------------------------------
-    @contextmanager
-    def _reading(self, what: str) -> Iterator[Any]:
-        with http_errors(), store_errors(what, self.db.url), self.db.engine.connect() as conn:
-            if self.db.dialect == "postgresql":
-                conn.execution_options(isolation_level="AUTOCOMMIT")
-            yield conn
-
     def vectors(self, item_ids: list[str]) -> dict[str, dict[str, np.ndarray]]:
         """id -> modality -> the item's stored vector, for those of `item_ids` in the store."""
-        query = sa.select(vectors_t.c.item_id, vectors_t.c.modality, vectors_t.c.vector).where(
-            vectors_t.c.item_id.in_(item_ids)
-        )
-        out: dict[str, dict[str, np.ndarray]] = {}
-        with self._reading("reading item vectors") as conn:
-            for row in conn.execute(query):
-                vector = np.frombuffer(row.vector, dtype="<f4").astype(np.float32)  # (dim,)
-                out.setdefault(row.item_id, {})[row.modality] = vector
-        return out
+        with http_errors():
+            return self.db.vectors_of(item_ids)
 
     def page(self, offset: int, limit: int) -> tuple[int, list[StoredItem]]:
-        """The number of items, and `limit` items from `offset` in the order they were added (stable: a new item
-        goes last, a deleted one leaves the order of the others as it was)."""
-        rows_query = sa.select(items_t).order_by(items_t.c.seq).offset(offset).limit(limit)
-        with self._reading("listing items") as conn:
-            total = int(conn.execute(sa.select(sa.func.count()).select_from(items_t)).scalar() or 0)
-            rows = conn.execute(rows_query).all()
-            found: dict[str, list[str]] = {row.id: [] for row in rows}
-            if found:
-                modality_query = sa.select(vectors_t.c.item_id, vectors_t.c.modality).where(
-                    vectors_t.c.item_id.in_(list(found))
-                )
-                for row in conn.execute(modality_query):
-                    found[row.item_id].append(row.modality)
-        items = [StoredItem(r.id, int(r.seq), json.loads(r.record), r.digest, sorted(found[r.id])) for r in rows]
-        return total, items
+        """The number of items, and `limit` items from `offset` in the order they were added."""
+        with http_errors():
+            return self.db.page(offset, limit)
 
     def stop(self) -> None:
         """End the background sync (without waiting)."""
