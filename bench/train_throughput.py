@@ -3,7 +3,7 @@
 
     python bench/train_throughput.py --config configs/demo.yaml --preset small --dtype bf16 --steps 10
 
-Measures, in one run and one dtype:
+Measures, in one run and one dtype (`--dtype both`: fp32 and bf16 side by side, same process):
 - the train step of `cman.training.train_epoch` (forward + CMANLoss + backward + clip + AdamW + schedule) on one
   batch from disk, after warm-up: samples/s;
 - model FLOPs per step, forward + backward, counted by `torch.utils.flop_counter.FlopCounterMode`;
@@ -46,9 +46,9 @@ from cman.config import CMANConfig, load_config  # noqa: E402
 from cman.data.dataset import load_split  # noqa: E402
 from cman.losses import CMANLoss  # noqa: E402
 from cman.models.cman import CMAN, build_model, count_parameters  # noqa: E402
+from cman.precision import cpu_has_bf16_units  # noqa: E402
 from cman.steps import (  # noqa: E402
     amp_dtype,
-    autocast,
     build_optimizer,
     build_scheduler,
     to_device,
@@ -203,8 +203,7 @@ def attention_implementations(model: CMAN) -> dict[str, str]:
 def count_step_flops(model: CMAN, loss_fn: CMANLoss, batch: dict, device: torch.device, dtype) -> int:
     """FLOPs of one forward + loss + backward (optimizer arithmetic is elementwise and not counted)."""
     with FlopCounterMode(display=False) as counter:
-        with autocast(device, dtype):
-            loss = train_step_loss(model, loss_fn, batch)["loss"]
+        loss = train_step_loss(model, loss_fn, batch, device, dtype)["loss"]
         loss.backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
@@ -299,6 +298,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def run_both(args: argparse.Namespace) -> dict[str, Any]:
+    """fp32 then bf16 in this process (same model init, batch and threads); each MFU against its own dtype's GEMM."""
+    runs = {dtype: run(argparse.Namespace(**{**vars(args), "dtype": dtype})) for dtype in ("fp32", "bf16")}
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    return {
+        "preset": fp32["preset"],
+        "dtype": "both",
+        "cpu_bf16_units": cpu_has_bf16_units() if args.device == "cpu" else None,
+        "gemm_flops_per_s": {d: r["gemm"]["flops_per_s"] for d, r in runs.items()},
+        "mfu": {d: r["mfu"] for d, r in runs.items()},
+        "bf16_speedup_step": fp32["step_s"] / bf16["step_s"],
+        "bf16_speedup_gemm": bf16["gemm"]["flops_per_s"] / fp32["gemm"]["flops_per_s"],
+        "runs": runs,
+    }
+
+
 def _bound(train_sps: float, train_cpu_sps: float, loader: dict[str, Any] | None, cpu: bool) -> dict | None:
     """'data' where loading alone is slower than the train step. On a CPU both compete for the same cores, so the
     comparison uses samples per CPU second (robust to other jobs sharing the machine)."""
@@ -313,7 +328,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="CMAN config (its loss/peft/training/data sections are used)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", choices=["demo", "small", "base"], help="model sizes (default: the config's model)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: torch.autocast to bfloat16")
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16", "both"],
+        help="bf16: torch.autocast to bfloat16; both: fp32 then bf16 in this process, with their ratio",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed train steps")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch-size", type=int, help="default: the config's training.batch_size")
@@ -336,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("transformers", "huggingface_hub", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
     args = parse_args(argv)
-    result = run(args)
+    result = run(args) if args.dtype != "both" else run_both(args)
     out = Path(args.out or REPO / "bench" / "results" / f"train_throughput_{result['preset']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -254,33 +254,98 @@ class RayConfig(_Section):
     max_failures: int = Field(default=2, ge=0)
 
 
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
+# the four named dimensions of the sweep and the config keys they set (alpha_ratio sets peft.alpha = ratio * rank)
+NAMED_SPACE_KEYS = {
+    "rank": "peft.rank",
+    "alpha_ratio": "peft.alpha",
+    "margin": "loss.margin",
+    "learning_rate": "training.learning_rate",
+}
+
+
 class TuneSpace(_Section):
-    rank: list[int] = Field(default_factory=lambda: [4, 8, 16, 32])
-    alpha_ratio: list[float] = Field(default_factory=lambda: [1.0, 2.0], description="alpha = ratio * rank")
-    margin: tuple[float, float] = (0.05, 0.5)
-    learning_rate: tuple[float, float] = (1e-5, 1e-3)
+    """What the sweep samples: the four named dimensions (`null` leaves one out) and any dotted config key with a
+    distribution — `model.fusion.layers: {choice: [1, 2]}`, `training.batch_size: {choice: [16, 32]}`,
+    `loss.temperature: {loguniform: [0.02, 0.2]}`, `training.weight_decay: {uniform: [0, 0.1]}`,
+    `peft.dropout: {uniform: [0, 0.2]}`, `model.fusion.layers: {int: [1, 3]}` (both ends included)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True, protected_namespaces=())
+
+    rank: list[int] | None = Field(default_factory=lambda: [4, 8, 16, 32])
+    alpha_ratio: list[float] | None = Field(default_factory=lambda: [1.0, 2.0], description="alpha = ratio * rank")
+    margin: tuple[float, float] | None = (0.05, 0.5)
+    learning_rate: tuple[float, float] | None = (1e-5, 1e-3)
 
     @field_validator("rank")
     @classmethod
-    def _ranks(cls, v: list[int]) -> list[int]:
-        if not v or any(r < 1 for r in v):
+    def _ranks(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(r < 1 for r in v)):
             raise ValueError("rank choices must be a non-empty list of positive integers")
         return v
 
     @field_validator("alpha_ratio")
     @classmethod
-    def _ratios(cls, v: list[float]) -> list[float]:
-        if not v or any(r <= 0 for r in v):
+    def _ratios(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(r <= 0 for r in v)):
             raise ValueError("alpha_ratio choices must be a non-empty list of positive numbers")
         return v
 
     @field_validator("margin", "learning_rate")
     @classmethod
-    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+    def _range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is None:
+            return v
         low, high = v
         if not 0 < low <= high:
             raise ValueError(f"range [{low}, {high}] must satisfy 0 < low <= high")
         return v
+
+    @model_validator(mode="after")
+    def _keys(self) -> TuneSpace:
+        named = {NAMED_SPACE_KEYS[k] for k in NAMED_SPACE_KEYS if getattr(self, k) is not None}
+        for key in self.swept_keys():
+            if key in named:
+                short = next(k for k, v in NAMED_SPACE_KEYS.items() if v == key)
+                raise ValueError(f"{key} is swept by tune.space.{short}: set that one (or tune.space.{short}=null)")
+        return self
+
+    def swept_keys(self) -> dict[str, dict[str, Any]]:
+        """The dotted config keys swept besides the named four: `{"model.fusion.layers": {"choice": [1, 2]}}`."""
+        return dict(_flatten_space(self.__pydantic_extra__ or {}, ""))
+
+
+def _flatten_space(node: dict[str, Any], prefix: str):
+    for name, value in node.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in DISTRIBUTIONS:
+            yield key, _check_distribution(key, value)
+        elif isinstance(value, dict) and value:
+            yield from _flatten_space(value, key + ".")
+        else:
+            raise ValueError(
+                f"{key}: give a distribution, one of {{choice: [a, b, ...]}}, {{uniform: [low, high]}}, "
+                f"{{loguniform: [low, high]}}, {{int: [low, high]}}; got {value!r}"
+            )
+
+
+def _check_distribution(key: str, dist: dict[str, Any]) -> dict[str, Any]:
+    kind, values = next(iter(dist.items()))
+    if not isinstance(values, list | tuple) or not values:
+        raise ValueError(f"{key}: {kind} takes a non-empty list, got {values!r}")
+    if kind == "choice":
+        return {kind: list(values)}
+    if len(values) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{key}: {kind} takes [low, high] (two numbers), got {values!r}")
+    low, high = values
+    if (
+        low > high
+        or (kind == "loguniform" and low <= 0)
+        or (kind == "int" and not all(isinstance(v, int) for v in values))
+    ):
+        need = {"loguniform": "0 < low <= high", "int": "integers, low <= high"}.get(kind, "low <= high")
+        raise ValueError(f"{key}: {kind} [{low}, {high}] must satisfy {need}")
+    return {kind: [low, high]}
 
 
 class TuneConfig(_Section):
@@ -329,6 +394,11 @@ class ServeConfig(_Section):
     max_upload_mb: float = Field(default=10.0, gt=0, description="per uploaded file; the body may hold 3 + 1 MiB")
     num_cpus_per_replica: float = Field(default=0.25, gt=0)
     num_gpus_per_replica: float = Field(default=0.0, ge=0)
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="encoders and fusion in serving and `cman index`: auto = bf16 on a CPU with AMX / AVX-512-BF16 "
+        "and on bf16 GPUs, fp32 elsewhere; embeddings are returned as fp32 either way",
+    )
     index_kind: Literal["auto", IndexKind] = Field(
         default="auto", description="auto: exact up to index_auto_exact_max items, index_auto_ann above"
     )
@@ -385,6 +455,12 @@ class ServeConfig(_Section):
 class MlflowConfig(_Section):
     tracking_uri: str | None = Field(default=None, description="default: MLFLOW_TRACKING_URI or sqlite under output")
     experiment: str = "cman"
+    registered_model: str | None = Field(
+        default=None,
+        description="the registry name a sweep's best model goes to; default: `cman`, or `cman-<dataset>` when "
+        "cman's champion was trained on other data",
+    )
+    alias: str = Field(default="champion", description="the alias that marks the best version of that name")
 
 
 class CMANConfig(_Section):

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from cman.config import TrainingConfig
 from cman.metrics import EmbeddingSet, evaluate_embeddings
 from cman.modality import Modality
+from cman.precision import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +36,9 @@ def resolve_device(device: str | bool | None = "auto") -> torch.device:
     return torch.device("cuda")
 
 
-def amp_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | None:
-    """bf16 on GPUs that support it, fp16 otherwise, fp32 on CPU unless asked explicitly."""
-    if mixed_precision == "no":
-        return None
-    if mixed_precision == "bf16":
-        return torch.bfloat16
-    if mixed_precision == "fp16":
-        return torch.float16
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def amp_dtype(device: torch.device, mixed_precision: str, purpose: str = "training") -> torch.dtype | None:
+    """The autocast dtype for `mixed_precision` on `device` (None: fp32); `auto` follows `cman.precision`."""
+    return resolve_dtype(device, mixed_precision, purpose=purpose)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -114,8 +107,18 @@ def batch_embeddings(model: nn.Module, batch: dict[str, Any]) -> dict[Modality, 
     return full
 
 
-def train_step_loss(model: nn.Module, loss_fn: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return loss_fn(batch_embeddings(model, batch), batch["present"], batch["groups"])
+def train_step_loss(
+    model: nn.Module, loss_fn: nn.Module, batch: dict[str, Any], device: torch.device | None = None, dtype=None
+) -> dict[str, torch.Tensor]:
+    """The loss of one batch: the model under autocast to `dtype` (None: fp32), the loss always in fp32.
+
+    The similarity matrix and the hinges are computed from fp32 embeddings outside autocast (bf16 keeps 8 bits of
+    mantissa: cosines of near neighbours differ by less; `bench/precision_check.py` measures the difference).
+    """
+    with autocast(device or torch.device("cpu"), dtype):
+        embeddings = batch_embeddings(model, batch)
+    embeddings = {m: e.float() for m, e in embeddings.items()}
+    return loss_fn(embeddings, batch["present"], batch["groups"])
 
 
 def train_epoch(
@@ -146,8 +149,7 @@ def train_epoch(
         if batch["groups"].numel() < 2:
             continue
         batch = to_device(batch, device)
-        with autocast(device, dtype):
-            loss = train_step_loss(model, loss_fn, batch)["loss"] / grad_accum
+        loss = train_step_loss(model, loss_fn, batch, device, dtype)["loss"] / grad_accum
         (scaler.scale(loss) if scaler else loss).backward()
         total += loss.detach() * grad_accum
         batches += 1

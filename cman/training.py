@@ -31,6 +31,7 @@ from cman.losses import CMANLoss
 from cman.metrics import VAL_METRIC, EmbeddingSet, evaluate_embeddings, format_table
 from cman.modality import Modality
 from cman.models.cman import CMAN, build_model
+from cman.precision import dtype_name
 from cman.steps import (
     amp_dtype,
     build_optimizer,
@@ -112,12 +113,13 @@ class TrainState:
     epoch: int = 0
     best_rsum: float = -math.inf
     history: list[dict[str, Any]] = field(default_factory=list)
+    precision: str = "fp32"  # what the model computed in (cman.precision.dtype_name), written into metadata.json
 
     def save(self, directory: Path, metrics: dict[str, Any] | None = None) -> Path:
         extra = {"epoch": self.epoch, "best_rsum": self.best_rsum, "history": self.history}
         return self.model.save_pretrained(
             directory,
-            metadata={"epoch": self.epoch, "metrics": metrics or {}},
+            metadata={"epoch": self.epoch, "metrics": metrics or {}, "precision": self.precision},
             extra_files=lambda tmp: save_training_state(tmp, self.optimizer, self.scheduler, extra),
         )
 
@@ -219,6 +221,7 @@ def fit(
     model = hooks.wrap_model(state.model, device)
     compile_model(state.model, tc.compile)  # in place: a DDP wrapper runs the compiled modules
     dtype = amp_dtype(device, tc.mixed_precision)
+    state.precision = dtype_name(dtype)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     sampler = hooks.sampler(config, train_items)
     train_loader = make_loader(config, state.model, train_items, train=True, sampler=sampler)

@@ -67,7 +67,7 @@ def build_index(
     items, data_root, skip_bad = gallery_source(split, root, config, folder)
     device = resolve_device(config.ray.use_gpu)
     model.to(device)
-    dtype = amp_dtype(device, config.training.mixed_precision)
+    dtype = amp_dtype(device, config.serve.dtype, purpose="indexing")
     galleries: dict[Modality, tuple[np.ndarray, list[dict]]] = {}
     for modality in model.modalities:
         gallery = unique_items(items, modality)
@@ -136,7 +136,7 @@ class EmbedActor:
         self.device = resolve_device(use_gpu)
         self.model.to(self.device)
         config = self.model.config
-        self.dtype = amp_dtype(self.device, config.training.mixed_precision)
+        self.dtype = amp_dtype(self.device, config.serve.dtype, purpose="indexing")
         self.processors = {self.modality: self.model.processors[self.modality]}
         self.skip_bad = config.data.skip_bad_items if skip_bad is None else skip_bad
 

@@ -21,6 +21,8 @@ from ray import serve
 from cman.config import ServeConfig
 from cman.data.errors import DataError, LimitError
 from cman.modality import Modality
+from cman.precision import resolve_dtype
+from cman.steps import autocast
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class ModalityEncoderServer:
         model = CMAN.from_pretrained(checkpoint, modalities=[self.modality]).merge_adapters()
         self.device = inference_device(self.settings.num_gpus_per_replica)
         self.encoder = model.encoders[self.modality.value].to(self.device).eval()
+        self.dtype = resolve_dtype(self.device, self.settings.dtype, purpose="serving")
         self.processor = model.processors[self.modality]
         del model
         self.parameters = count_parameters(self.encoder)[1]
@@ -124,7 +127,8 @@ class ModalityEncoderServer:
     @torch.no_grad()
     def _run(self, features: list[dict[str, torch.Tensor]]) -> list[dict[str, np.ndarray]]:
         batch = {k: v.to(self.device) for k, v in self.processor.collate(features).items()}
-        tokens, mask = self.encoder(batch)  # (batch, seq, width), (batch, seq)
+        with autocast(self.device, self.dtype):
+            tokens, mask = self.encoder(batch)  # (batch, seq, width), (batch, seq)
         tokens, mask = tokens.float().cpu().numpy(), mask.cpu().numpy()
         out = []
         for row_tokens, row_mask in zip(tokens, mask, strict=True):

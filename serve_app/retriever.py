@@ -28,6 +28,8 @@ from cman.gallery_db import StoredItem, content_digest
 from cman.gallery_mirror import IndexPolicy
 from cman.index import GalleryIndex
 from cman.modality import Modality
+from cman.precision import resolve_dtype
+from cman.steps import autocast
 from serve_app.encoders import inference_device, limit_threads
 from serve_app.errors import RequestError, raise_if_error
 from serve_app.gallery_store import GalleryStore
@@ -79,6 +81,7 @@ class RetrieverServer:
         model = CMAN.from_pretrained(checkpoint, modalities=[])  # fusion + projections only
         self.device = inference_device(num_gpus)
         self.fusion = model.fusion.to(self.device).eval()
+        self.dtype = resolve_dtype(self.device, cfg.dtype, purpose="serving")
         self.width = model.config.model.fusion.width
         self.modalities = list(json.loads((Path(checkpoint) / "metadata.json").read_text())["base_models"])
         self.dim = model.config.model.embedding_dim
@@ -123,7 +126,8 @@ class RetrieverServer:
             )
             for m, (tokens, mask) in streams.items()
         }
-        return self.fusion(tensors)[0].float().cpu().numpy()  # (embedding_dim,)
+        with autocast(self.device, self.dtype):
+            return self.fusion(tensors)[0].float().cpu().numpy()  # (embedding_dim,)
 
     @client_errors
     async def embed(self, payloads: dict[str, Any]) -> dict[str, Any]:
@@ -240,7 +244,8 @@ class RetrieverServer:
             for start in range(0, len(rows), FUSE_BATCH):
                 chunk = rows[start : start + FUSE_BATCH]
                 tensors = {m: padded([streams[i][m] for i in chunk], self.device) for m in key}
-                out[chunk] = self.fusion(tensors).float().cpu().numpy()  # (chunk, embedding_dim)
+                with autocast(self.device, self.dtype):
+                    out[chunk] = self.fusion(tensors).float().cpu().numpy()  # (chunk, embedding_dim)
         return out
 
     @client_errors

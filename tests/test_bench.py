@@ -1,4 +1,4 @@
-"""Smoke run of bench/train_throughput.py (tiny sizes, not timed): it runs and prints the expected JSON."""
+"""Smoke run of bench/train_throughput.py --dtype both (tiny sizes, not timed): it runs and prints the expected JSON."""
 
 from __future__ import annotations
 
@@ -51,14 +51,22 @@ def test_train_throughput_smoke(tmp_path):
         "--gemm-seconds",
         "0.2",
         "--synthetic",
+        "--dtype",
+        "both",
         "--out",
         str(out),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    printed = json.loads(proc.stdout[proc.stdout.index("{") :])
-    assert printed == json.loads(out.read_text())
+    both = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert both == json.loads(out.read_text())
+    # fp32 and bf16 side by side in one process, each MFU against the GEMM rate of its own dtype
+    assert both["dtype"] == "both" and set(both["runs"]) == {"fp32", "bf16"}
+    assert both["runs"]["bf16"]["gemm"]["dtype"] == "bfloat16" and both["runs"]["fp32"]["gemm"]["dtype"] == "float32"
+    assert both["bf16_speedup_step"] > 0 and both["cpu_bf16_units"] in (True, False)
+    assert math.isfinite(both["runs"]["bf16"]["loss"])
+    printed = both["runs"]["fp32"]
     assert KEYS <= printed.keys()
     assert printed["steps"] == 2 and printed["batch_size"] == 4 and printed["dtype"] == "fp32"
     # shape and sanity only: MFU is a ratio of two timings (a 0.2 s GEMM "peak" on a loaded box can be low, so the
