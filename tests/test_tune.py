@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import held_placement_groups
 from tiny import REPO, tiny_config
 
@@ -66,6 +67,7 @@ def sweep(ray_session, tune_root: Path, tmp_path_factory: pytest.TempPathFactory
             "tune.reduction_factor": 2,
             "tune.space.learning_rate": [1e-8, 1e-7],
             "tune.space.rank": [4, 8],
+            "tune.space.model.fusion.layers": {"choice": [1, 2]},  # any dotted config key can be swept
             "mlflow.tracking_uri": f"sqlite:///{db}",
             "tune.optuna_storage": f"sqlite:///{base / 'optuna.db'}",
         },
@@ -218,7 +220,18 @@ def test_mlflow_child_runs_and_champion(sweep: dict) -> None:
     runs = client.search_runs([state["experiment_id"]], f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
     assert len(runs) == N_TRIALS
     for run in runs:
-        assert {"rank", "alpha", "margin", "lr"} <= set(run.data.params)
+        assert {"rank", "alpha", "margin", "lr", "model.fusion.layers"} <= set(run.data.params)
+        assert run.data.params["model.fusion.layers"] in ("1", "2")
+        assert run.data.params["training.epochs"] == str(EPOCHS)  # the trial's whole resolved config
+        logged = yaml.safe_load(
+            Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=run.info.run_id, artifact_path="config.yaml", tracking_uri=uri
+                )
+            ).read_text()
+        )
+        assert logged["model"]["fusion"]["layers"] == int(run.data.params["model.fusion.layers"])
+        assert logged["peft"]["rank"] == int(run.data.params["rank"])
         assert re.fullmatch(r"trial_\d{2} rank=\d+ lr=\d\.\de-\d\d", run.info.run_name), run.info.run_name
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_rsum")]
         assert 1 <= len(steps) <= EPOCHS and len(set(steps)) == len(steps)
@@ -229,20 +242,27 @@ def test_mlflow_child_runs_and_champion(sweep: dict) -> None:
     assert {"tune_results.csv", "val_rsum_curves.png", "eval_test.json"} <= artifacts
 
     champion = client.get_model_version_by_alias("cman", "champion")
+    assert champion.tags["cman.dataset"] == f"{sweep['config'].data.root.rstrip('/').rsplit('/', 1)[-1]}/train"
+    assert champion.tags["cman.eval_split"] == "test" and len(champion.tags["cman.dataset_digest"]) == 16
     best_run = client.get_run(champion.run_id)
+    assert best_run.inputs.dataset_inputs[0].dataset.digest == champion.tags["cman.dataset_digest"]
+    assert best_run.data.tags["mlflow.source.git.commit"]
     assert best_run.data.tags["trial_id"] == summary["best_trial_id"]
     assert float(champion.tags["test_rsum"]) == pytest.approx(summary["test"]["rsum"], abs=1e-4)
     mlflow.set_tracking_uri(uri)
     model = CMAN.from_pretrained(mlflow.artifacts.download_artifacts("models:/cman@champion"))
     assert model.config.peft.rank == summary["best_params"]["rank"]
+    assert model.config.model.fusion.layers == summary["best_params"]["model.fusion.layers"]
 
 
-def test_champion_moves_only_for_a_better_model(tmp_path: Path) -> None:
-    """Registry rule on a real sqlite store: a better test rsum takes @champion, a worse one is only registered."""
+def test_champion_moves_only_for_a_better_model_of_the_same_data(tmp_path: Path) -> None:
+    """Registry rule on a real sqlite store: a better test rsum on the same data takes @champion, a worse one is only
+    registered; a model of other data goes to a name of its own, and neither dataset's champion displaces the other."""
     import mlflow
     from mlflow import MlflowClient
 
     from jobs import tracking
+    from jobs.tracking.lineage import DATASET_TAG, DIGEST_TAG, SPLIT_TAG
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -251,14 +271,32 @@ def test_champion_moves_only_for_a_better_model(tmp_path: Path) -> None:
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     (checkpoint / "config.yaml").write_text("model: {}\n")
-    outcomes = []
-    for score in (10.0, 5.0, 20.0):
+    demo = {DATASET_TAG: "demo/train", DIGEST_TAG: "aaaa", SPLIT_TAG: "test"}
+    digits = {DATASET_TAG: "digits/train", DIGEST_TAG: "bbbb", SPLIT_TAG: "test"}
+
+    def register(score: float, lineage: dict, name: str | None = None) -> dict:
         run_id = client.create_run(experiment).info.run_id
         tracking.log_checkpoint(client, run_id, checkpoint)
-        outcomes.append(tracking.register_best(client, run_id, {"test_rsum": score, "val_rsum": score}))
+        return tracking.register_best(client, run_id, {"test_rsum": score, "val_rsum": score}, lineage, name)
+
+    outcomes = [register(score, demo) for score in (10.0, 5.0, 20.0)]
     assert [o["promoted"] for o in outcomes] == [True, False, True]
+    assert {o["name"] for o in outcomes} == {"cman"}
     assert client.get_model_version_by_alias("cman", "champion").version == outcomes[2]["version"]
     assert outcomes[1]["champion_version"] == outcomes[0]["version"]
+
+    # a sweep on other data, with a far higher (incomparable) rsum: its own champion, cman's stays
+    other = register(500.0, digits)
+    assert other["name"] == "cman-digits" and other["promoted"]
+    assert client.get_model_version_by_alias("cman", "champion").version == outcomes[2]["version"]
+    assert register(400.0, digits)["promoted"] is False  # compared with digits' champion only
+    assert register(30.0, demo)["promoted"] and register(30.0, demo)["name"] == "cman"
+    assert client.get_model_version_by_alias("cman-digits", "champion").version == other["version"]
+    # a name given in the config: other data is registered beside its champion, never displaces it
+    forced = register(900.0, digits, name="cman")
+    assert forced["name"] == "cman" and not forced["promoted"]
+    champion = client.get_model_version_by_alias("cman", "champion")
+    assert champion.tags[DATASET_TAG] == "demo/train" and float(champion.tags["test_rsum"]) == 30.0
 
 
 def test_bad_search_space_is_one_error_before_any_trial(tune_root: Path, tmp_path: Path) -> None:
@@ -324,3 +362,60 @@ def test_concurrent_trials_that_cannot_all_fit_are_run_fewer_at_a_time(tune_root
         tune_root, SIZES, **{"tune.cpus_per_trial": 1, "tune.gpus_per_trial": 1, "tune.max_concurrent": 4}
     )
     assert fit_concurrency(gpu, {"CPU": 8.0, "GPU": 2.0}).tune.max_concurrent == 2
+
+
+def test_any_config_key_can_be_swept_and_is_checked_before_ray(tune_root: Path) -> None:
+    """`tune.space.<dotted key>: {choice|uniform|loguniform|int: ...}` beside (or instead of) the named four."""
+    import pandas as pd
+
+    from tuning.report import param_columns, param_importance
+    from tuning.space import baseline_point, param_space, trial_config, trial_params
+
+    config = tiny_config(
+        tune_root,
+        SIZES,
+        **{
+            "tune.space.model.fusion.layers": {"int": [1, 3]},
+            "tune.space.training.weight_decay": {"uniform": [0.0, 0.1]},
+            "tune.space.loss.mode": {"choice": ["hardest"]},
+            "tune.space.rank": None,  # a named dimension left out
+        },
+    )
+    space = param_space(config)
+    assert set(space) == {"alpha_ratio", "margin", "lr", "model.fusion.layers", "training.weight_decay", "loss.mode"}
+    assert space["loss.mode"].categories == ["hardest", config.loss.mode]  # the baseline's value joins the choices
+    assert (space["model.fusion.layers"].lower, space["model.fusion.layers"].upper) == (1, 4)  # 3 included
+    base = baseline_point(config)
+    assert base["model.fusion.layers"] == config.model.fusion.layers and "rank" not in base
+    trial = {**base, "model.fusion.layers": 3, "loss.mode": "hardest", "alpha_ratio": 1.0}
+    resolved = trial_config(config, trial)
+    assert resolved.model.fusion.layers == 3 and resolved.loss.mode == "hardest"
+    assert resolved.peft.alpha == config.peft.rank  # alpha_ratio times the config's own rank
+    assert trial_params(trial)["model.fusion.layers"] == 3 and "rank" not in trial_params(trial)
+
+    bad = {
+        "tune.space.model.fusion.layerz": {"choice": [1, 2]},  # no such key
+        "tune.space.model.fusion.layers": {"int": [0, 2]},  # a corner the config rejects (layers >= 1)
+    }
+    for key, dist in bad.items():
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            param_space(tiny_config(tune_root, SIZES, **{key: dist}))
+    with pytest.raises(ConfigError, match=r"give a distribution"):
+        tiny_config(tune_root, SIZES, **{"tune.space.model.fusion.layers": [1, 2]})
+    with pytest.raises(ConfigError, match=r"is swept by tune\.space\.learning_rate"):
+        tiny_config(tune_root, SIZES, **{"tune.space.training.learning_rate": {"uniform": [0.1, 0.2]}})
+
+    table = pd.DataFrame(
+        {
+            "trial": range(4),
+            "status": ["TERMINATED"] * 4,
+            "lr": [1e-4, 3e-4, 1e-3, 2e-3],
+            "model.fusion.layers": [1, 2, 1, 2],
+            "epochs": [2] * 4,
+            "best_val_rsum": [100.0, 300.0, 120.0, 310.0],
+        }
+    )
+    assert param_columns(table) == ["lr", "model.fusion.layers"]
+    importance = param_importance(table)
+    assert set(importance) == {"lr", "model.fusion.layers"}
+    assert importance["model.fusion.layers"] > importance["lr"]  # the layer count is what moved the score

@@ -12,13 +12,14 @@ import optuna
 import pandas as pd
 
 from cman.metrics import VAL_METRIC
-from tuning.space import PARAM_NAMES, trial_params
+from tuning.space import trial_params
 
 logger = logging.getLogger(__name__)
+_NOT_PARAMS = {"trial", "trial_id", "status", "epochs", "path", f"last_{VAL_METRIC}", f"best_{VAL_METRIC}"}
 
 
 def results_table(results) -> pd.DataFrame:
-    """One row per trial (a Tune `ResultGrid`): id, status, the four params, epochs run, last/best val rsum."""
+    """One row per trial (a Tune `ResultGrid`): id, status, the swept params, epochs run, last/best val rsum."""
     rows = []
     for result in results:
         history = result.metrics_dataframe
@@ -81,25 +82,47 @@ def plot_curves(curves_by_trial: dict[str, list[float]], path: Path) -> Path:
     return path
 
 
+def param_columns(table: pd.DataFrame) -> list[str]:
+    """The swept parameters' columns of a results table (`rank alpha margin lr` and any dotted config keys)."""
+    return [c for c in table.columns if c not in _NOT_PARAMS]
+
+
 def importance_study(table: pd.DataFrame) -> optuna.Study:
-    """An Optuna study holding every finished trial (params + best val rsum), the same data the searcher saw."""
+    """An Optuna study holding every finished trial (params + best val rsum), the same data the searcher saw.
+
+    Integer, boolean and text parameters (rank, a layer count, a choice of names) are categorical; other numbers
+    are float ranges, the learning rate on a log scale."""
     study = optuna.create_study(direction="maximize")
-    dists = {
-        "rank": optuna.distributions.CategoricalDistribution(sorted(table["rank"].unique().tolist())),
-        "alpha": optuna.distributions.FloatDistribution(table["alpha"].min(), table["alpha"].max() + 1e-9),
-        "margin": optuna.distributions.FloatDistribution(table["margin"].min(), table["margin"].max() + 1e-9),
-        "lr": optuna.distributions.FloatDistribution(table["lr"].min(), table["lr"].max() * (1 + 1e-9), log=True),
-    }
-    for row in table.dropna(subset=[f"best_{VAL_METRIC}"]).itertuples():
-        params = {name: getattr(row, name) for name in PARAM_NAMES}
-        params["rank"] = int(params["rank"])
-        value = getattr(row, f"best_{VAL_METRIC}")
+    finished = table.dropna(subset=[f"best_{VAL_METRIC}"])
+    dists, kinds = {}, {}
+    for name in param_columns(finished):
+        values = finished[name].dropna().tolist()
+        if not values:
+            continue
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if numeric and not all(float(v).is_integer() for v in values):
+            low, high = min(values), max(values)
+            dists[name] = optuna.distributions.FloatDistribution(low, high * (1 + 1e-9) + 1e-12, log=name == "lr")
+            kinds[name] = float
+        else:
+            choices = sorted({_plain(v) for v in values}, key=str)
+            dists[name] = optuna.distributions.CategoricalDistribution(choices)
+            kinds[name] = _plain
+    for row in finished.to_dict("records"):
+        params = {name: kinds[name](row[name]) for name in dists}
+        value = row[f"best_{VAL_METRIC}"]
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value))
     return study
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars as Python ones, integral floats as ints (a rank read back from pandas as 8.0)."""
+    value = value.item() if hasattr(value, "item") else value
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def param_importance(table: pd.DataFrame, seed: int = 0) -> dict[str, float]:
-    """fANOVA importance of `rank alpha margin lr` for the best val rsum; empty if there is too little to compare."""
+    """fANOVA importance of each swept parameter for the best val rsum; empty if there is too little to compare."""
     if len(table.dropna(subset=[f"best_{VAL_METRIC}"])) < 2:
         return {}
     try:

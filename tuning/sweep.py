@@ -23,7 +23,7 @@ from cman.metrics import VAL_METRIC
 from jobs import storage
 from jobs.storage import RunLocation
 from tuning.search import storage_url
-from tuning.space import param_space, trial_config, trial_params, validate_space
+from tuning.space import baseline_point, param_space, trial_config, trial_params, validate_space
 
 logger = logging.getLogger(__name__)
 
@@ -164,9 +164,21 @@ def trial_index(trial: Any) -> int:
 
 
 def trial_name(trial: Any) -> str:
-    """What Tune's table and MLflow call a trial: `trial_03 rank=16 lr=4.2e-4`."""
+    """What Tune's table and MLflow call a trial: `trial_03 rank=16 lr=4.2e-4`, or its first two swept values."""
     params = trial_params(trial.config)
-    return f"trial_{trial_index(trial):02d} rank={params['rank']} lr={params['lr']:.1e}"
+    shown = [k for k in ("rank", "lr") if k in params] or list(params)[:2]
+    values = " ".join(f"{k.rsplit('.', 1)[-1]}={_short(params[k])}" for k in shown)
+    return f"trial_{trial_index(trial):02d} {values}".rstrip()
+
+
+def _short(value: Any) -> str:
+    return (
+        f"{value:.1e}"
+        if isinstance(value, float) and not 1e-2 <= abs(value) < 1e3
+        else f"{value:.3g}"
+        if isinstance(value, float)
+        else str(value)
+    )
 
 
 def trial_dirname(trial: Any) -> str:
@@ -192,8 +204,10 @@ def _reporter(config: CMANConfig):
 
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # read by Tuner.fit in this (the driver) process
 
+    named = {"rank": "rank", "alpha_ratio": "alpha/rank", "margin": "margin", "lr": "lr"}
+    swept = baseline_point(config)
     return CLIReporter(
-        parameter_columns={"rank": "rank", "alpha_ratio": "alpha/rank", "margin": "margin", "lr": "lr"},
+        parameter_columns={k: named.get(k, k.rsplit(".", 1)[-1]) for k in swept},
         metric_columns={"training_iteration": "epoch", "train_loss": "loss", VAL_METRIC: VAL_METRIC},
         max_report_frequency=REPORT_EVERY_S,
         sort_by_metric=True,  # by TuneConfig's metric and mode
@@ -329,6 +343,18 @@ def _mlflow_setup(config: CMANConfig, output_dir: Path, resume: bool) -> dict[st
 
 
 # ---- after the trials -------------------------------------------------------------------------------------------
+def lineage_tags(config: CMANConfig) -> dict[str, str]:
+    """What the registry compares champions by: the training data's identity and the split the score is on."""
+    from jobs.tracking.lineage import DATASET_TAG, DIGEST_TAG, SPLIT_TAG, dataset_identity
+
+    identity = dataset_identity(config)
+    return {DATASET_TAG: identity.name, DIGEST_TAG: identity.digest, SPLIT_TAG: config.data.test_split}
+
+
+def _registry_target(config: CMANConfig) -> tuple[str | None, str]:
+    return config.mlflow.registered_model, config.mlflow.alias
+
+
 def _finish(config: CMANConfig, where: RunLocation, results, mlflow_state: dict[str, str]) -> dict[str, Any]:
     """Best trial → D/best (+ test eval), report files, MLflow parent artifacts, model registry (all local)."""
     from mlflow import MlflowClient
@@ -358,7 +384,8 @@ def _finish(config: CMANConfig, where: RunLocation, results, mlflow_state: dict[
     runs = tracking.trial_runs(client, mlflow_state["experiment_id"])
     run_id = runs[winner_id]
     tracking.log_checkpoint(client, run_id, best_dir)
-    model = tracking.register_best(client, run_id, {"test_rsum": test["rsum"], "val_rsum": val_rsum})
+    scores = {"test_rsum": test["rsum"], "val_rsum": val_rsum}
+    model = tracking.register_best(client, run_id, scores, lineage_tags(config), *_registry_target(config))
     for path in [*report["files"], best_dir / f"eval_{split}.json"]:
         client.log_artifact(parent, str(path))
     summary_metrics = {
@@ -415,8 +442,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(format_table(summary["test"]))
     print(f"best checkpoint: {summary['best_checkpoint']}   results: {summary['results_csv']}")
     print(f"Ray results and checkpoints: {summary['storage']}")
-    verdict = "now @champion" if model["promoted"] else f"@champion stays on version {model['champion_version']}"
-    print(f"registered model {model['name']} version {model['version']} ({verdict})")
+    alias = model.get("alias", "champion")
+    verdict = f"now @{alias}" if model["promoted"] else f"@{alias} stays on version {model['champion_version']}"
+    print(f"registered model {model['name']} version {model['version']} ({verdict}): models:/{model['name']}@{alias}")
     print(f"MLflow: mlflow ui --backend-store-uri {state['tracking_uri']}   (experiment {state['experiment']})")
     if "optuna" in summary:
         print(f"Optuna: optuna-dashboard {summary['optuna']['storage']}   (study {summary['optuna']['study_name']})")
@@ -457,6 +485,7 @@ def run_sweep(
             tracking_uri=mlflow_state["tracking_uri"],
             experiment_id=mlflow_state["experiment_id"],
             tags={"mlflow.parentRunId": mlflow_state["parent_run_id"], "cman.kind": "trial"},
+            base=config.with_overrides(trial_resources(config)[1]),
         )
         releaser = ReleasePlacementGroups(str(local / TRIALS_DIR))
         try:

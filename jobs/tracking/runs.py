@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 
 from cman.config import CMANConfig
+from jobs.tracking.lineage import log_dataset
 from jobs.tracking.plots import write_plots
 from jobs.tracking.store import ensure_experiment, metric_name, numeric_metrics, tracking_uri
 
@@ -58,6 +59,7 @@ def open_run(config: CMANConfig, output_dir: Path, resume: bool = True) -> Track
         run = client.create_run(experiment_id, run_name=output_dir.name, tags={"cman.output_dir": str(output_dir)})
         tracking = Tracking(uri, experiment_id, run.info.run_id)
         log_params(tracking, config.flat())
+        log_dataset(client, tracking.run_id, config)
         logger.info("MLflow run %s in experiment %r (%s)", tracking.run_id, config.mlflow.experiment, uri)
     (output_dir / RUN_FILE).write_text(json.dumps(asdict(tracking)))
     return tracking

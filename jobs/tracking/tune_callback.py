@@ -10,13 +10,17 @@ import time
 from typing import Any
 
 import mlflow
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, ViewType
 from mlflow.exceptions import MlflowException
 from ray.tune import Callback
 
-from jobs.tracking.store import numeric_metrics
-from tuning.space import trial_params
+from cman.config import CMANConfig
+from jobs.tracking.lineage import log_dataset
+from jobs.tracking.runs import MAX_PARAM_CHARS
+from jobs.tracking.store import metric_name, numeric_metrics
+from tuning.space import trial_config, trial_params
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +60,18 @@ class TrialLogger(Callback):
     """One MLflow run per Tune trial, written from the Tune driver (the only process that writes the store).
 
     - run name = Tune's trial name (`trial_03 rank=16 lr=4.2e-4`), tags `trial_id` and the sweep's parent run;
-    - params are the four searched values `rank alpha margin lr` (alpha derived from the sampled ratio);
+    - params are the swept values (`rank alpha margin lr`, alpha derived from the sampled ratio, and any dotted
+      config keys of `tune.space`) and, given `base`, the trial's whole resolved config (`config.flat()` keys, and
+      `config.yaml` as an artifact: what `cman train --config` would need to rerun the trial);
     - metric names are made MLflow-safe (no `>` or `@`), non-numbers dropped, step = training iteration (epoch),
       all of an epoch's metrics in one `log_batch` call;
     - a resumed sweep reopens the trial's existing run instead of starting a second one, and logs only epochs that
       run does not hold yet (a restarted trial may report an epoch again: each epoch stays logged once).
     """
 
-    def __init__(self, tracking_uri: str, experiment_id: str, tags: dict[str, str]):
+    def __init__(self, tracking_uri: str, experiment_id: str, tags: dict[str, str], base: CMANConfig | None = None):
         self.tracking_uri, self.experiment_id, self.tags = tracking_uri, experiment_id, tags
+        self.base = base
         self.runs: dict[str, str] = {}  # trial id -> run id
         self.last_epoch: dict[str, int] = {}  # run id -> last epoch it holds
 
@@ -73,6 +80,7 @@ class TrialLogger(Callback):
             "tracking_uri": self.tracking_uri,
             "experiment_id": self.experiment_id,
             "tags": self.tags,
+            "base": self.base,
             "runs": {},
             "last_epoch": {},
         }
@@ -96,9 +104,15 @@ class TrialLogger(Callback):
             run_id = client.create_run(self.experiment_id, run_name=str(trial), tags=tags).info.run_id
         self.runs[trial.trial_id] = run_id
         logged = client.get_run(run_id).data.params
-        params = [Param(k, str(v)) for k, v in trial_params(trial.config).items() if k not in logged]
-        if params:
-            client.log_batch(run_id, params=params)
+        values = dict(trial_params(trial.config))
+        if self.base is not None and not logged:
+            resolved = trial_config(self.base, trial.config)
+            values = {**resolved.flat(), **values}
+            client.log_text(run_id, yaml.safe_dump(resolved.to_dict(), sort_keys=False), "config.yaml")
+            log_dataset(client, run_id, resolved)
+        params = [Param(metric_name(k), str(v)[:MAX_PARAM_CHARS]) for k, v in values.items() if k not in logged]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(run_id, params=params[start : start + 100])
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         run_id = self.runs.get(trial.trial_id)
