@@ -4,15 +4,15 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean constraints
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[ray,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[all,dev]"
 	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) \
 		|| echo "warning: could not install Debian's chromium (needed by tests/test_demo_page.py)"
 	(command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1) \
@@ -37,3 +37,8 @@ lint: install
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
+
+constraints: install   # rewrite constraints.txt from .venv (after a deliberate upgrade; CI tests that set)
+	head -2 constraints.txt > constraints.new
+	$(PY) -m pip freeze --exclude-editable | grep -v '^cman\|^-e\|@ file' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' >> constraints.new
+	mv constraints.new constraints.txt

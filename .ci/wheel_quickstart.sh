@@ -48,4 +48,30 @@ test -f "$WORK/qs/best/metadata.json" && test -f "$WORK/qs/index/index_meta.json
 NOISE='core_worker\.cc|PreemptionWatcher|PlacementGroupCleaner|Writing model shards|Checkpoint successfully created|'
 NOISE+='Reporting training result|performance bottleneck|is_gradient_checkpointing|project\.license|embed: '
 if grep -E "$NOISE" "$WORK/qs.log"; then echo "quickstart console has the library noise above" >&2; exit 1; fi
+
+# the core install, as `pip install cman` gives it: no extras, the dependencies pinned by constraints.txt. It loads
+# the checkpoint above and embeds; a command that needs an extra names it.
+"$PY" -m venv "$WORK/core"
+"$WORK/core/bin/python" -m pip install -q --upgrade pip
+"$WORK/core/bin/python" -m pip install -q torch==2.13.0
+"$WORK/core/bin/python" -m pip install -q -c "$REPO/constraints.txt" "$WORK"/dist/cman-*.whl
+"$WORK/core/bin/python" - "$WORK/qs/best" <<'PY'
+import importlib.util
+import sys
+
+absent = [m for m in ("ray", "mlflow", "faiss", "fastapi", "optuna", "matplotlib", "sklearn") if importlib.util.find_spec(m)]
+assert not absent, f"the core install pulled optional packages: {absent}"
+from cman import CMAN  # noqa: E402
+
+model = CMAN.from_pretrained(sys.argv[1])
+vector = model.embed(text="a small red circle on the left")
+assert vector.shape[-1] == model.config.model.embedding_dim, vector.shape
+print(f"core install: embedded with {sys.argv[1]} -> {vector.shape}")
+PY
+for spec in "tune --config $WORK/qs/best/config.yaml:tune" "serve --checkpoint $WORK/qs/best --index $WORK/qs/index:serve"; do
+  args="${spec%:*}"; extra="${spec##*:}"
+  if "$WORK/core/bin/cman" $args 2> "$WORK/err"; then echo "cman $args ran without its extra" >&2; exit 1; fi
+  grep -q "pip install 'cman\[$extra\]'" "$WORK/err" || { cat "$WORK/err" >&2; echo "no [$extra] hint" >&2; exit 1; }
+  echo "core install: cman ${args%% *} names the [$extra] extra"
+done
 echo "wheel quickstart OK in $(( $(date +%s) - start )) s"

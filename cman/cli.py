@@ -306,6 +306,34 @@ def _quiet_libraries(verbose: bool) -> None:
         quiet_libraries()
 
 
+# the extra that installs what each command needs, and (for other commands) the extra of each optional module
+COMMAND_EXTRAS = {"train": "train", "eval": "train", "tune": "tune", "serve": "serve", "index": "serve"}
+COMMAND_EXTRAS.update({"quickstart": "demo", "demo-data": "demo"})
+MODULE_EXTRAS = {
+    "ray": "train",
+    "mlflow": "mlflow",
+    "matplotlib": "mlflow",
+    "optuna": "tune",
+    "fastapi": "serve",
+    "starlette": "serve",
+    "httpx": "serve",
+    "psycopg": "serve",
+    "faiss": "index",
+    "sqlalchemy": "index",
+    "espeakng_loader": "demo",
+    "sklearn": "demo",
+}
+
+
+def missing_extra(command: str, module: str | None) -> str | None:
+    """'cman tune needs optuna: pip install 'cman[tune]'' for an optional module that is not installed, else None."""
+    top = (module or "").split(".")[0]
+    if top not in MODULE_EXTRAS:
+        return None
+    extra = COMMAND_EXTRAS.get(command, MODULE_EXTRAS[top])
+    return f"cman {command} needs {top!r}, which is not installed: pip install 'cman[{extra}]' (or 'cman[all]')"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -322,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cman: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as err:
+        if args.verbose or missing_extra(args.command, err.name) is None:
+            raise
+        print(f"cman {args.command}: error: {missing_extra(args.command, err.name)}", file=sys.stderr)
+        return 1
     except Exception as err:  # one clear line, no traceback (unless -v)
         if args.verbose:
             raise

@@ -97,3 +97,27 @@ def test_eval_and_index_default_to_the_checkpoints_own_config(trained_checkpoint
 def test_python_dash_m_cman_is_the_cman_command():
     proc = subprocess.run([sys.executable, "-m", "cman", "--version"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.strip().startswith("cman "), proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "hidden", "extra"),
+    [
+        (["tune", "--config", "configs/demo.yaml"], "ray", "tune"),
+        (["data", "import-digits", "OUT", "--fsdd", "../shared/data/fsdd"], "sklearn", "demo"),
+        (["demo-data", "OUT"], "espeakng_loader", "demo"),
+    ],
+)
+def test_a_missing_extra_is_named(argv, hidden, extra, monkeypatch, capsys, tmp_path):
+    """A command whose optional dependency is not installed says which extra installs it (one line, exit 1)."""
+    from cman.cli import main, missing_extra
+
+    assert missing_extra("train", "numpy") is None  # a core module is a real error, not a missing extra
+    import cman.data.tts
+
+    monkeypatch.setattr(cman.data.tts, "_ENGINE", None)  # an engine another test started would not import again
+    monkeypatch.setitem(sys.modules, hidden, None)  # `import <hidden>` now fails as if it were not installed
+    monkeypatch.chdir(REPO)
+    argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"pip install 'cman[{extra}]'" in err and repr(hidden) in err, err

@@ -415,8 +415,8 @@ def _containers(doc: dict) -> list[tuple[dict, dict]]:
 
 
 def test_manifests_agree_with_each_other_and_pyproject():
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    ray_pin = next(r for r in project["optional-dependencies"]["ray"] if r.startswith("ray["))
+    constraints = (REPO / "constraints.txt").read_text().splitlines()
+    ray_pin = next(line for line in constraints if line.startswith("ray=="))  # the Ray version CI tests
     job, service = manifest("rayjob"), manifest("rayservice")
     claim = yaml.safe_load((DEPLOY / "storage.yaml").read_text())["metadata"]["name"]
     images = set()
@@ -444,12 +444,13 @@ def test_dockerfile_installs_the_package_on_a_cpu_torch():
     text = (DEPLOY / "Dockerfile").read_text()
     instructions = dockerfile_instructions(text)
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    torch_pin = next(d for d in project["project"]["dependencies"] if d.startswith("torch"))
+    constraints = (REPO / "constraints.txt").read_text().splitlines()
+    torch_pin = next(line for line in constraints if line.startswith("torch=="))
     assert f"ARG TORCH_VERSION={torch_pin.split('==')[1]}" in text, torch_pin
     assert "download.pytorch.org/whl/cpu" in text
     runs = " ".join(rest for word, rest in instructions if word == "RUN")
     assert not re.search(r"torchvision|torchaudio", runs)
-    assert '[ray]"' in runs  # the package with its Ray / Serve extra
+    assert '[all]"' in runs and "-c /wheels/constraints.txt" in runs  # every extra, at the versions CI tests
     # every top-level folder the package is built from is copied in and passed by the ignore file
     setuptools = project["tool"]["setuptools"]
     package_dirs = setuptools.get("package-dir", {})
@@ -457,7 +458,7 @@ def test_dockerfile_installs_the_package_on_a_cpu_torch():
     copies = [rest.split()[:-1] for word, rest in instructions if word == "COPY" and not rest.startswith("--")]
     copied = {source for sources in copies for source in sources}
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
-    for top in tops | {"pyproject.toml", "README.md", "LICENSE"}:
+    for top in tops | {"pyproject.toml", "README.md", "LICENSE", "constraints.txt"}:
         assert top in copied, f"the Dockerfile does not copy {top}"
         assert f"!{top}" in ignore, f"Dockerfile.dockerignore keeps {top} out of the build context"
     python = re.search(r"ARG PYTHON_IMAGE=python:(\d+)\.(\d+)", text)

@@ -65,12 +65,8 @@ _ENGINE: _Engine | None = None
 
 
 def _load_library() -> tuple[ctypes.CDLL, str]:
-    try:
-        import espeakng_loader
-    except ImportError as err:
-        raise RuntimeError(
-            f"espeak-ng TTS needs the 'espeakng-loader' package (pip install espeakng-loader): {err}"
-        ) from err
+    import espeakng_loader  # not installed: ModuleNotFoundError, which `cman` turns into "pip install 'cman[demo]'"
+
     lib_path = espeakng_loader.get_library_path()
     try:
         data_path = espeakng_loader.get_data_path()

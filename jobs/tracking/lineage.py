@@ -1,6 +1,6 @@
 """Where a run's model comes from: the training data (MLflow dataset input, its manifest's hash) and the git commit.
 
-The dataset's identity — `<data root name>/<split>` and the SHA-256 of that split's metadata file — is logged as an
+The dataset's identity — `<dataset name>/<split>` and the SHA-256 of that split's metadata file — is logged as an
 MLflow dataset input of every training run and trial run, and tagged on every registered model version, so that
 the registry compares a new model only with models trained on the same data (`jobs.tracking.registry`).
 """
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,7 @@ GIT_TAG = "mlflow.source.git.commit"
 
 @dataclass(frozen=True)
 class DatasetIdentity:
-    name: str  # `<data root name>/<split>`, e.g. `demo/train`
+    name: str  # `<dataset name>/<split>`, e.g. `demo/train` (`dataset_name`)
     digest: str  # the first 16 hex digits of the SHA-256 of the split's metadata file
     uri: str  # where the metadata file is
 
@@ -43,8 +45,19 @@ def dataset_identity(config: CMANConfig, split: str | None = None) -> DatasetIde
     except OSError:
         logger.warning("cannot read %s: the dataset is identified by its path only", manifest)
         content, uri = root.encode(), root
-    name = f"{Path(root.rstrip('/')).name or root}/{split}"
-    return DatasetIdentity(name, hashlib.sha256(content).hexdigest()[:16], uri)
+    return DatasetIdentity(f"{dataset_name(root)}/{split}", hashlib.sha256(content).hexdigest()[:16], uri)
+
+
+def dataset_name(root: str) -> str:
+    """A dataset's short name: `name` in its dataset.json, else the last part of the `generator` that wrote it
+    (`cman.data.demo` -> `demo`, `cman.data.importers.coco` -> `coco`), else the folder's name."""
+    try:
+        info = json.loads((Path(root) / "dataset.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    if isinstance(info, dict) and isinstance(info.get("name") or info.get("generator"), str):
+        return str(info.get("name") or info["generator"].rsplit(".", 1)[-1])
+    return Path(root.rstrip("/")).name or root
 
 
 def log_dataset(client: MlflowClient, run_id: str, config: CMANConfig) -> DatasetIdentity:
@@ -54,7 +67,9 @@ def log_dataset(client: MlflowClient, run_id: str, config: CMANConfig) -> Datase
 
     identity = dataset_identity(config)
     try:
-        source = resolve_dataset_source(identity.uri)
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": the local-file source is meant
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(identity.uri)
         dataset = MetaDataset(source, name=identity.name, digest=identity.digest)._to_mlflow_entity()
         client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
     except Exception as err:  # noqa: BLE001 - lineage must never fail a training run
