@@ -7,6 +7,7 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${1:-$REPO/.venv/bin/python}"
+PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # absolute (not resolved: a venv's python is a link)
 WORK="$(mktemp -d /tmp/cman-wheel.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
 start=$(date +%s)

@@ -325,12 +325,19 @@ MODULE_EXTRAS = {
 }
 
 
+# what the core install has (and this project's own packages): missing, they are a broken install, not an extra
+CORE_MODULES = {"torch", "transformers", "peft", "tokenizers", "safetensors", "numpy", "pydantic", "yaml"}
+CORE_MODULES |= {"soundfile", "soxr", "PIL", "tqdm", "cman", "jobs", "tuning", "serve_app"}
+
+
 def missing_extra(command: str, module: str | None) -> str | None:
     """'cman tune needs optuna: pip install 'cman[tune]'' for an optional module that is not installed, else None."""
     top = (module or "").split(".")[0]
-    if top not in MODULE_EXTRAS:
+    if not top or top in CORE_MODULES:
         return None
-    extra = COMMAND_EXTRAS.get(command, MODULE_EXTRAS[top])
+    extra = COMMAND_EXTRAS.get(command) or MODULE_EXTRAS.get(top)
+    if extra is None:
+        return None
     return f"cman {command} needs {top!r}, which is not installed: pip install 'cman[{extra}]' (or 'cman[all]')"
 
 

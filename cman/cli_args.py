@@ -8,12 +8,21 @@ from pathlib import Path
 from typing import Any
 
 
+def bundled_names() -> str:
+    """The configs shipped with CMAN, by name (`demo, default, ...`)."""
+    from cman.api import bundled_config
+
+    return ", ".join(sorted(p.stem for p in bundled_config("default").parent.glob("*.yaml")))
+
+
 def config_args(p: argparse.ArgumentParser, from_checkpoint: bool = False) -> None:
-    bundled = "demo, default, minimal, digits, digits_whisper, pretrained, pretrained_text"
     p.add_argument(
         "--config",
+        action="append",
+        default=[],
         required=not from_checkpoint,
-        help=f"YAML config file, or a bundled one by name: {bundled}"
+        help=f"YAML config file, or a bundled one by name: {bundled_names()}; repeatable: merged in order (later "
+        "keys win, mappings merged key by key), --set last"
         + ("; default: the checkpoint's own config.yaml" if from_checkpoint else ""),
     )
     p.add_argument(
@@ -42,14 +51,50 @@ def flag(p: argparse.ArgumentParser, name: str, **kwargs: Any) -> argparse.Actio
 
 
 def load_args_config(args: argparse.Namespace, extra: dict[str, Any] | None = None, checkpoint: Path | None = None):
-    """`--config` with `--set` and `extra` applied; without `--config`, `checkpoint`'s own config.yaml."""
+    """`--config` (merged in order) with `--set` and `extra` applied; without one, `checkpoint`'s own config.yaml."""
     from cman.config import load_config, parse_override
 
     overrides: dict[str, Any] = dict(parse_override(item) for item in args.overrides)
     overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
-    if args.config is None and checkpoint is not None:
+    names = [args.config] if isinstance(args.config, str) else list(args.config or [])
+    if not names and checkpoint is not None:
         return load_config(Path(checkpoint) / "config.yaml", overrides)
-    return load_config(config_path(args.config), overrides)
+    return merged_config(names, overrides)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def merged_config(names: list[str], overrides: list[str] | dict[str, Any] | None = None):
+    """The config of `names` merged in order (each file's relative model paths resolved against it), then `--set`
+    (`overrides`); default: the bundled default.yaml. Errors name the files."""
+    import yaml
+
+    from cman.config import ConfigError, apply_overrides, from_dict, resolve_model_paths
+
+    data: dict[str, Any] = {}
+    paths = [Path(config_path(name)) for name in names or ["default"]]
+    for path in paths:
+        if not path.exists() or path.is_dir():  # a pipe is fine: --config <(cman config show ...)
+            raise ConfigError(f"config file {path} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = merge(data, resolve_model_paths(loaded, path))
+    if overrides:
+        data = apply_overrides(data, overrides)
+    try:
+        return from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{' + '.join(map(str, paths))}: {err}") from None
 
 
 def config_path(name: str) -> str | Path:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from cman.cli_args import config_path
+from cman.cli_args import merged_config
 
 
 def config_commands(sub: Any) -> None:
@@ -32,32 +29,6 @@ def config_commands(sub: Any) -> None:
     s.set_defaults(func=cmd_show)
     s = csub.add_parser("schema", help="the config's JSON schema (every key, type, default and limit)")
     s.set_defaults(func=cmd_schema)
-
-
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """`over` on top of `base`: mappings merged key by key, anything else replaced."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def merged_config(names: list[str], overrides: list[str]):
-    """The config of `names` merged in order (each file's relative model paths resolved against it), then `--set`."""
-    from cman.config import ConfigError, apply_overrides, from_dict, resolve_model_paths
-
-    data: dict[str, Any] = {}
-    for name in names or ["default"]:
-        path = Path(config_path(name))
-        if not path.exists():
-            raise ConfigError(f"config file {path} not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        data = merge(data, resolve_model_paths(loaded, path))
-    if overrides:
-        data = apply_overrides(data, overrides)
-    return from_dict(data)
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -98,13 +98,32 @@ def test_packaging_lists_every_package_and_ships_the_configs() -> None:
         for top in ("cman", "jobs", "tuning", "serve_app")
         for p in (REPO / top).rglob("__init__.py")
     }
-    assert set(setuptools["packages"]) == on_disk | {"cman.configs"}
+    # data-only folders (the demo page) are packages too, so that setuptools ships them without a warning
+    assert set(setuptools["packages"]) == on_disk | {"cman.configs", "serve_app.static"}
     assert setuptools["package-dir"]["cman.configs"] == "configs"
     assert bundled_config("demo") == REPO / "configs" / "demo.yaml"
     with pytest.raises(FileNotFoundError, match="bundled"):
         bundled_config("nope")
-    assert build_parser().parse_args(["train", "--config", "demo"]).config == "demo"
+    assert build_parser().parse_args(["train", "--config", "demo"]).config == ["demo"]
     from cman.cli import _config_path
 
     assert _config_path("demo") == REPO / "configs" / "demo.yaml"
     assert _config_path("configs/demo.yaml") == "configs/demo.yaml"
+
+
+def test_several_configs_merge_in_order_for_every_command(tmp_path: Path) -> None:
+    """`cman train|tune|eval|index --config A --config B --set k=v`: B's keys over A's, mappings merged, --set last."""
+    from cman.cli import build_parser
+    from cman.cli_args import load_args_config
+
+    over = tmp_path / "short.yaml"
+    over.write_text("training: {epochs: 3}\nmodel: {fusion: {layers: 1}}\n")
+    for command in ("train", "tune"):
+        argv = [command, "--config", "demo", "--config", str(over), "--set", "training.batch_size=8"]
+        config = load_args_config(build_parser().parse_args(argv))
+        assert (config.training.epochs, config.training.batch_size, config.model.fusion.layers) == (3, 8, 1)
+        assert config.model.fusion.width == 128 and config.data.neighbour_batches  # the rest is demo.yaml's
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: {epochz: 3}\n")
+    with pytest.raises(Exception, match=r"bad\.yaml: .*training\.epochz: unknown key; did you mean 'training\.epochs'"):
+        load_args_config(build_parser().parse_args(["train", "--config", "demo", "--config", str(bad)]))
