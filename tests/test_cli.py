@@ -115,7 +115,8 @@ def test_a_missing_extra_is_named(argv, hidden, extra, monkeypatch, capsys, tmp_
     import cman.data.tts
 
     monkeypatch.setattr(cman.data.tts, "_ENGINE", None)  # an engine another test started would not import again
-    monkeypatch.setitem(sys.modules, hidden, None)  # `import <hidden>` now fails as if it were not installed
+    for name in [n for n in sys.modules if n == hidden or n.startswith(hidden + ".")] or [hidden]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import <hidden>(.x)` now fails as if it were not installed
     monkeypatch.chdir(REPO)
     argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
     assert main(argv) == 1

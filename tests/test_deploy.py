@@ -337,9 +337,10 @@ def test_set_overrides_are_config_keys():
     commands = [_parse(argv[1:])[0] for where, argv in cman_commands() if where.startswith("rayjob")]
     sweep_config = next(ns.config for ns in commands if ns.command == "tune")
     for ns in commands:
-        name = getattr(ns, "config", None) or sweep_config
-        path = Path(name) if Path(name).is_file() else bundled_config(name)
-        load_config(path, dict(parse_override(item) for item in getattr(ns, "overrides", [])))
+        names = getattr(ns, "config", None) or sweep_config  # `--config` is repeatable: a list
+        for name in [names] if isinstance(names, str) else names:
+            path = Path(name) if Path(name).is_file() else bundled_config(name)
+            load_config(path, dict(parse_override(item) for item in getattr(ns, "overrides", [])))
 
 
 # ---- (c) serveConfigV2 is serve_app/config.yaml ------------------------------------------------------------------
