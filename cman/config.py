@@ -169,7 +169,19 @@ class LossConfig(_Section):
     type: LossKind = "max_margin"
     margin: float = Field(default=0.2, gt=0.0, le=2.0)
     mode: MarginMode = "hardest"
+    hardest_from_epoch: int | None = Field(
+        default=None,
+        ge=2,
+        description="with mode: sum, switch to the hardest negative from this epoch on (a warm-up: from random "
+        "projections the hardest-negative loss alone can collapse)",
+    )
     temperature: float = Field(default=0.07, gt=0.0)
+
+    @model_validator(mode="after")
+    def _warm_up(self) -> LossConfig:
+        if self.hardest_from_epoch is not None and (self.type != "max_margin" or self.mode != "sum"):
+            raise ValueError("hardest_from_epoch warms up with summed hinges: it needs type max_margin, mode sum")
+        return self
 
 
 class AudioAugmentConfig(_Section):

@@ -148,11 +148,19 @@ class CMANLoss(nn.Module):
         else:
             raise ValueError(f"loss type must be one of {LOSS_KINDS}, got {kind!r}")
         self.kind = kind
+        self.hardest_from_epoch: int | None = None  # set by from_config; see set_epoch
 
     @classmethod
     def from_config(cls, cfg: Any) -> CMANLoss:
-        """Build from a `LossConfig` (`type`, `margin`, `mode`, `temperature`)."""
-        return cls(kind=cfg.type, margin=cfg.margin, mode=cfg.mode, temperature=cfg.temperature)
+        """Build from a `LossConfig` (`type`, `margin`, `mode`, `temperature`, `hardest_from_epoch`)."""
+        loss = cls(kind=cfg.type, margin=cfg.margin, mode=cfg.mode, temperature=cfg.temperature)
+        loss.hardest_from_epoch = getattr(cfg, "hardest_from_epoch", None)  # any object with the LossConfig fields
+        return loss
+
+    def set_epoch(self, epoch: int) -> None:
+        """Before epoch `epoch` (1-based): summed hinges until `hardest_from_epoch`, the hardest negative from it."""
+        if self.hardest_from_epoch is not None and isinstance(self.pair_loss, MaxMarginLoss):
+            self.pair_loss.mode = "hardest" if epoch >= self.hardest_from_epoch else "sum"
 
     def forward(
         self,

@@ -238,6 +238,7 @@ def fit(
         hooks.before_epoch(state.epoch + 1)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(state.epoch)
+        state.loss_fn.set_epoch(state.epoch + 1)
         stats = train_one_epoch(config, state, train_loader, device, dtype, scaler, model=model, progress=progress)
         started = time.perf_counter()
         val = evaluate_embeddings(hooks.gather(compute_embeddings(state.model, val_loader, device, dtype)))

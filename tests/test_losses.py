@@ -172,3 +172,25 @@ def test_from_config_and_validation() -> None:
         InfoNCELoss(0.0)
     with pytest.raises(ValueError, match="equal shape"):
         MaxMarginLoss()(A, B[:2])
+
+
+def test_summed_hinges_warm_up_then_the_hardest_negative() -> None:
+    """`loss.hardest_from_epoch`: mode sum before that epoch, hardest from it (and again after a resume)."""
+    from cman.config import ConfigError, LossConfig
+
+    loss = CMANLoss.from_config(LossConfig(mode="sum", hardest_from_epoch=3))
+    seen = []
+    for epoch in (1, 2, 3, 4, 2):  # the last: a resumed run that restarts at epoch 2
+        loss.set_epoch(epoch)
+        seen.append(loss.pair_loss.mode)
+    assert seen == ["sum", "sum", "hardest", "hardest", "sum"]
+    a = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    embeddings, present, groups = {Modality.TEXT: a, Modality.IMAGE: b}, {}, torch.arange(6)
+    loss.set_epoch(1)
+    summed = loss(embeddings, present, groups)["loss"]
+    loss.set_epoch(3)
+    hardest = loss(embeddings, present, groups)["loss"]
+    assert summed > hardest > 0  # the sum over all negatives bounds the hardest one from above
+    with pytest.raises((ConfigError, ValueError), match="hardest_from_epoch"):
+        LossConfig(mode="hardest", hardest_from_epoch=3)
