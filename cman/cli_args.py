@@ -62,39 +62,12 @@ def load_args_config(args: argparse.Namespace, extra: dict[str, Any] | None = No
     return merged_config(names, overrides)
 
 
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """`over` on top of `base`: mappings merged key by key, anything else replaced."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def merged_config(names: list[str], overrides: list[str] | dict[str, Any] | None = None):
-    """The config of `names` merged in order (each file's relative model paths resolved against it), then `--set`
-    (`overrides`); default: the bundled default.yaml. Errors name the files."""
-    import yaml
+    """The config files (or bundled names) `names` merged in order, then `overrides`; default: the bundled
+    default.yaml (`cman.config.load_configs`)."""
+    from cman.config import load_configs
 
-    from cman.config import ConfigError, apply_overrides, from_dict, resolve_model_paths
-
-    data: dict[str, Any] = {}
-    paths = [Path(config_path(name)) for name in names or ["default"]]
-    for path in paths:
-        if not path.exists() or path.is_dir():  # a pipe is fine: --config <(cman config show ...)
-            raise ConfigError(f"config file {path} not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        data = merge(data, resolve_model_paths(loaded, path))
-    if overrides:
-        data = apply_overrides(data, overrides)
-    try:
-        return from_dict(data)
-    except ConfigError as err:
-        raise ConfigError(f"{' + '.join(map(str, paths))}: {err}") from None
+    return load_configs([config_path(name) for name in names or ["default"]], overrides)
 
 
 def config_path(name: str) -> str | Path:

@@ -617,8 +617,8 @@ def resolve_model_paths(data: dict[str, Any], config_path: str | Path) -> dict[s
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> CMANConfig:
-    """Load a YAML config; relative `data.root` is resolved against the current directory."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """One YAML config file as a mapping; `ConfigError` naming the file if it is missing, not YAML or not a mapping."""
     path = Path(path)
     if not path.exists() or path.is_dir():  # a pipe is fine: --config <(cman config show ...)
         raise ConfigError(f"config file {path} not found")
@@ -628,10 +628,33 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def merge_config_data(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_config_data(out[key], value) if both else value
+    return out
+
+
+def load_configs(paths: list[str | Path], overrides: list[str] | dict[str, Any] | None = None) -> CMANConfig:
+    """Config files merged in order (later keys win, mappings merged key by key; each file's relative model paths
+    resolved against it), then `a.b=value` overrides (their relative model paths against the last file)."""
+    paths = [Path(p) for p in paths]
+    data: dict[str, Any] = {}
+    for path in paths:
+        data = merge_config_data(data, resolve_model_paths(read_config_file(path), path))
     if overrides:
-        data = apply_overrides(data, overrides)
-    data = resolve_model_paths(data, path)
+        data = resolve_model_paths(apply_overrides(data, overrides), paths[-1])
     try:
         return from_dict(data)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise ConfigError(f"{' + '.join(map(str, paths))}: {err}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> CMANConfig:
+    """Load one YAML config (`load_configs` of one file)."""
+    return load_configs([path], overrides)

@@ -137,6 +137,7 @@ class CMANLoss(nn.Module):
         mode: str = "hardest",
         temperature: float = 0.07,
         learnable_temperature: bool = False,
+        hardest_from_epoch: int | None = None,
     ) -> None:
         super().__init__()
         if kind == "max_margin":
@@ -148,14 +149,18 @@ class CMANLoss(nn.Module):
         else:
             raise ValueError(f"loss type must be one of {LOSS_KINDS}, got {kind!r}")
         self.kind = kind
-        self.hardest_from_epoch: int | None = None  # set by from_config; see set_epoch
+        self.hardest_from_epoch = hardest_from_epoch  # max_margin + sum: hardest negatives from then (set_epoch)
 
     @classmethod
     def from_config(cls, cfg: Any) -> CMANLoss:
         """Build from a `LossConfig` (`type`, `margin`, `mode`, `temperature`, `hardest_from_epoch`)."""
-        loss = cls(kind=cfg.type, margin=cfg.margin, mode=cfg.mode, temperature=cfg.temperature)
-        loss.hardest_from_epoch = getattr(cfg, "hardest_from_epoch", None)  # any object with the LossConfig fields
-        return loss
+        return cls(
+            kind=cfg.type,
+            margin=cfg.margin,
+            mode=cfg.mode,
+            temperature=cfg.temperature,
+            hardest_from_epoch=getattr(cfg, "hardest_from_epoch", None),  # any object with LossConfig's fields
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Before epoch `epoch` (1-based): summed hinges until `hardest_from_epoch`, the hardest negative from it."""

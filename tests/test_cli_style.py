@@ -123,6 +123,16 @@ def test_several_configs_merge_in_order_for_every_command(tmp_path: Path) -> Non
         config = load_args_config(build_parser().parse_args(argv))
         assert (config.training.epochs, config.training.batch_size, config.model.fusion.layers) == (3, 8, 1)
         assert config.model.fusion.width == 128 and config.data.neighbour_batches  # the rest is demo.yaml's
+    # a relative model path given with --set is made absolute, as one in a config file is
+    argv = [
+        "train",
+        "--config",
+        "digits_whisper",
+        "--set",
+        "model.audio.pretrained=../shared/data/pretrained/whisper-tiny.en",
+    ]
+    audio = load_args_config(build_parser().parse_args(argv)).model.audio.pretrained
+    assert Path(audio).is_absolute() and Path(audio).name == "whisper-tiny.en"
     bad = tmp_path / "bad.yaml"
     bad.write_text("training: {epochz: 3}\n")
     with pytest.raises(Exception, match=r"bad\.yaml: .*training\.epochz: unknown key; did you mean 'training\.epochs'"):

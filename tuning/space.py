@@ -13,12 +13,11 @@ from typing import Any
 
 from ray import tune
 
-from cman.config import CMANConfig, ConfigError, TuneSpace, from_dict
+from cman.config import NAMED_SPACE_KEYS, CMANConfig, ConfigError, TuneSpace, from_dict
 
 logger = logging.getLogger(__name__)
 
-NAMED_PARAMS: tuple[str, ...] = ("rank", "alpha", "margin", "lr")
-# named dimension -> its key in a trial's Tune config
+# named dimension -> its key in a trial's Tune config (the config key each sets: cman.config.NAMED_SPACE_KEYS)
 _TUNE_KEYS = {"rank": "rank", "alpha_ratio": "alpha_ratio", "margin": "margin", "learning_rate": "lr"}
 
 
@@ -57,13 +56,13 @@ def config_value(config: CMANConfig, key: str) -> Any:
 def baseline_point(config: CMANConfig) -> dict[str, Any]:
     """The config's own values of every swept dimension, evaluated first so trial 0 is always the baseline."""
     space = config.tune.space
-    named = {
-        "rank": config.peft.rank,
-        "alpha_ratio": config.peft.alpha / config.peft.rank,
-        "margin": config.loss.margin,
-        "lr": config.training.learning_rate,
+    point = {
+        tune_key: config.peft.alpha / config.peft.rank
+        if name == "alpha_ratio"
+        else config_value(config, NAMED_SPACE_KEYS[name])
+        for name, tune_key in _TUNE_KEYS.items()
+        if getattr(space, name) is not None
     }
-    point = {_TUNE_KEYS[name]: named[_TUNE_KEYS[name]] for name in _TUNE_KEYS if getattr(space, name) is not None}
     return {**point, **{key: config_value(config, key) for key in space.swept_keys()}}
 
 
@@ -123,8 +122,9 @@ def trial_params(trial_config: dict[str, Any]) -> dict[str, Any]:
 def trial_config(base: CMANConfig, trial: dict[str, Any]) -> CMANConfig:
     """`base` with a trial's values applied (alpha_ratio multiplies the trial's rank, else the config's)."""
     overrides: dict[str, Any] = {k: v for k, v in trial.items() if "." in k}
-    named = {"rank": "peft.rank", "margin": "loss.margin", "lr": "training.learning_rate"}
-    overrides.update({named[k]: trial[k] for k in named if k in trial})
+    for name in ("margin", "learning_rate"):
+        if _TUNE_KEYS[name] in trial:
+            overrides[NAMED_SPACE_KEYS[name]] = trial[_TUNE_KEYS[name]]
     if "rank" in trial:
         overrides["peft.rank"] = int(trial["rank"])
     if "alpha_ratio" in trial:

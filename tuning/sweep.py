@@ -172,13 +172,10 @@ def trial_name(trial: Any) -> str:
 
 
 def _short(value: Any) -> str:
-    return (
-        f"{value:.1e}"
-        if isinstance(value, float) and not 1e-2 <= abs(value) < 1e3
-        else f"{value:.3g}"
-        if isinstance(value, float)
-        else str(value)
-    )
+    """`4.2e-04` for small or large floats, `0.25` otherwise; anything else as str."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.3g}" if 1e-2 <= abs(value) < 1e3 else f"{value:.1e}"
 
 
 def trial_dirname(trial: Any) -> str:
@@ -343,23 +340,12 @@ def _mlflow_setup(config: CMANConfig, output_dir: Path, resume: bool) -> dict[st
 
 
 # ---- after the trials -------------------------------------------------------------------------------------------
-def lineage_tags(config: CMANConfig) -> dict[str, str]:
-    """What the registry compares champions by: the training data's identity and the split the score is on."""
-    from jobs.tracking.lineage import DATASET_TAG, DIGEST_TAG, SPLIT_TAG, dataset_identity
-
-    identity = dataset_identity(config)
-    return {DATASET_TAG: identity.name, DIGEST_TAG: identity.digest, SPLIT_TAG: config.data.test_split}
-
-
-def _registry_target(config: CMANConfig) -> tuple[str | None, str]:
-    return config.mlflow.registered_model, config.mlflow.alias
-
-
 def _finish(config: CMANConfig, where: RunLocation, results, mlflow_state: dict[str, str]) -> dict[str, Any]:
     """Best trial → D/best (+ test eval), report files, MLflow parent artifacts, model registry (all local)."""
     from mlflow import MlflowClient
 
     from jobs import tracking
+    from jobs.tracking.lineage import lineage_tags
     from tuning import best as best_mod
     from tuning.report import write_report
 
@@ -384,8 +370,8 @@ def _finish(config: CMANConfig, where: RunLocation, results, mlflow_state: dict[
     runs = tracking.trial_runs(client, mlflow_state["experiment_id"])
     run_id = runs[winner_id]
     tracking.log_checkpoint(client, run_id, best_dir)
-    scores = {"test_rsum": test["rsum"], "val_rsum": val_rsum}
-    model = tracking.register_best(client, run_id, scores, lineage_tags(config), *_registry_target(config))
+    scores, mc = {"test_rsum": test["rsum"], "val_rsum": val_rsum}, config.mlflow
+    model = tracking.register_best(client, run_id, scores, lineage_tags(config, split), mc.registered_model, mc.alias)
     for path in [*report["files"], best_dir / f"eval_{split}.json"]:
         client.log_artifact(parent, str(path))
     summary_metrics = {

@@ -60,6 +60,12 @@ def dataset_name(root: str) -> str:
     return Path(root.rstrip("/")).name or root
 
 
+def lineage_tags(config: CMANConfig, split: str) -> dict[str, str]:
+    """What the registry compares champions by: the training data's identity and the split the score is on."""
+    identity = dataset_identity(config)
+    return {DATASET_TAG: identity.name, DIGEST_TAG: identity.digest, SPLIT_TAG: split}
+
+
 def log_dataset(client: MlflowClient, run_id: str, config: CMANConfig) -> DatasetIdentity:
     """Log the training split as the run's MLflow dataset input (context `training`); returns its identity."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source

@@ -79,10 +79,14 @@ def _previous_run(output_dir: Path, uri: str, client: MlflowClient) -> str | Non
 
 
 def log_params(tracking: Tracking, params: dict[str, Any]) -> None:
+    log_run_params(tracking.client(), tracking.run_id, params)
+
+
+def log_run_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    """`params` as MLflow params (names made MLflow-safe, values cut at MAX_PARAM_CHARS), 100 per batch."""
     items = [Param(metric_name(k), str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
-    client = tracking.client()
     for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-        client.log_batch(tracking.run_id, params=items[start : start + 100])
+        client.log_batch(run_id, params=items[start : start + 100])
 
 
 def log_metrics(tracking: Tracking, metrics: dict[str, float], step: int) -> None:

@@ -12,13 +12,13 @@ from typing import Any
 import mlflow
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, ViewType
+from mlflow.entities import Metric, ViewType
 from mlflow.exceptions import MlflowException
 from ray.tune import Callback
 
 from cman.config import CMANConfig
 from jobs.tracking.lineage import log_dataset
-from jobs.tracking.runs import MAX_PARAM_CHARS
+from jobs.tracking.runs import log_run_params
 from jobs.tracking.store import metric_name, numeric_metrics
 from tuning.space import trial_config, trial_params
 
@@ -110,9 +110,7 @@ class TrialLogger(Callback):
             values = {**resolved.flat(), **values}
             client.log_text(run_id, yaml.safe_dump(resolved.to_dict(), sort_keys=False), "config.yaml")
             log_dataset(client, run_id, resolved)
-        params = [Param(metric_name(k), str(v)[:MAX_PARAM_CHARS]) for k, v in values.items() if k not in logged]
-        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            client.log_batch(run_id, params=params[start : start + 100])
+        log_run_params(client, run_id, {k: v for k, v in values.items() if metric_name(k) not in logged})
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         run_id = self.runs.get(trial.trial_id)
