@@ -139,6 +139,14 @@ def _serving_commands(sub: Any) -> None:
     )
     p.add_argument("--index", help="index directory (default: the quickstart index)")
     p.add_argument("--config", help="config whose `serve:` section sets batching/limits (default: checkpoint's)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="serve.KEY=VALUE",
+        help="override a `serve:` key, e.g. --set serve.encoder_replicas=2 (repeatable)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)
@@ -271,8 +279,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         checkpoint = resolve_checkpoint(args.model)
         print(f"serving {args.model} (checkpoint {checkpoint})")
-    serve_forever(checkpoint=checkpoint, index=args.index, config=args.config, host=args.host, port=args.port)
+    settings = serve_overrides(args.overrides)
+    serve_forever(checkpoint, args.index, args.config, args.host, args.port, settings)
     return 0
+
+
+def serve_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set serve.a.b=v` items as a nested `serve:` mapping (values parsed as YAML); other sections are an error."""
+    import yaml
+    from pydantic import ValidationError
+
+    from cman.config import ConfigError, ServeConfig, parse_override
+
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, value = parse_override(item)
+        section, _, rest = key.partition(".")
+        if section != "serve" or not rest:
+            raise ConfigError(f"--set {item!r}: `cman serve` takes serve.* keys only, e.g. serve.encoder_replicas=2")
+        *parents, leaf = rest.split(".")
+        node = settings
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = yaml.safe_load(value)
+    try:
+        ServeConfig.model_validate(settings)  # a wrong key or value fails here, before Ray starts
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = "serve." + ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"--set {key}: {first['msg']}") from None
+    return settings
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:

@@ -428,6 +428,9 @@ class ServeConfig(_Section):
     gallery_compact_every: int = Field(
         default=1000, ge=1, exclude=True, description="ignored (there is no log to compact); earlier configs load"
     )
+    ingress_replicas: int = Field(
+        default=1, ge=1, description="FastAPI ingress replicas (2+ on a cluster: a node lost takes only its own)"
+    )
     index_shard_size: int = Field(default=4096, ge=1, description="cman index: items per shard (resume unit)")
     index_batch_size: int = Field(default=64, ge=1, description="cman index: items per Ray Data batch")
     index_actors: int = Field(default=1, ge=1, description="cman index: encoder actors per modality")

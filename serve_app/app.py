@@ -117,5 +117,9 @@ def build_ingress(
 
     settings = {**cfg.model_dump(), "api_key_sha256": key_digest(key), "bind_host": host}
     ingress_cpus = min(cfg.num_cpus_per_replica, 1.0)
-    options = {"max_ongoing_requests": 256, "max_queued_requests": cfg.max_queued_requests}
+    options = {
+        "max_ongoing_requests": 256,
+        "max_queued_requests": cfg.max_queued_requests,
+        "num_replicas": cfg.ingress_replicas,
+    }
     return Ingress.options(ray_actor_options={"num_cpus": ingress_cpus}, **options).bind(retriever, encoders, settings)

@@ -53,6 +53,9 @@ def test_help_for_every_subcommand():
             ["data", "validate", "--config", "configs/demo.yaml", "--set", "data.root=/nonexistent"],
             "metadata file /nonexistent/metadata/train_metadata.json not found",
         ),
+        (["serve", "--set", "serve.encoder_replicas=two"], "--set serve.encoder_replicas: Input should be a valid"),
+        (["serve", "--set", "serve.no_such_key=1"], "--set serve.no_such_key: Extra inputs are not permitted"),
+        (["serve", "--set", "training.epochs=2"], "`cman serve` takes serve.* keys only"),
         (["data", "import-digits", "/tmp/x", "--fsdd", "/nonexistent"], "FSDD directory /nonexistent not found"),
         (["data", "import-manifest", "/nonexistent/out", "/nonexistent.csv"], "manifest /nonexistent.csv not found"),
         (
@@ -122,3 +125,12 @@ def test_a_missing_extra_is_named(argv, hidden, extra, monkeypatch, capsys, tmp_
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"pip install 'cman[{extra}]'" in err and repr(hidden) in err, err
+
+
+def test_serve_set_builds_the_serve_settings():
+    from cman.cli import serve_overrides
+
+    settings = serve_overrides(
+        ["serve.ingress_replicas=2", "serve.num_cpus_per_replica=0.1", "serve.encoder_autoscaling.max_replicas=3"]
+    )
+    assert settings == {"ingress_replicas": 2, "num_cpus_per_replica": 0.1, "encoder_autoscaling": {"max_replicas": 3}}

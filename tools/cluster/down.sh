@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stops and removes what tools/cluster/up.sh STATE_DIR made (listed in STATE_DIR/made): every process in its
-# namespaces, the namespaces, the bridge and veth links, the S3 store. Idempotent; touches nothing it did not make.
+# namespaces, the namespaces, the bridge and veth links, the S3 store, the PostgreSQL server. Idempotent; touches nothing it did not make.
 #   sudo tools/cluster/down.sh STATE_DIR
 set -uo pipefail
 
@@ -29,6 +29,13 @@ tac "$STATE/made" | while read -r kind name; do
     link) ip link show "$name" >/dev/null 2>&1 && ip link del "$name" ;;
     pid) [ -f "$name" ] && kill_group "$(cat "$name")" && rm -f "$name" ;;
     dir) rm -rf "$name" ;;
+    pg)
+      if [ -f "$name/data/postmaster.pid" ]; then
+        pg_ctl=$(dirname "$(ls -d /usr/lib/postgresql/*/bin/pg_ctl | sort -V | tail -1)")/pg_ctl
+        runuser -u "$(stat -c %U "$name")" -- "$pg_ctl" -D "$name/data" -m immediate -w stop >/dev/null 2>&1 ||
+          kill -KILL "$(head -1 "$name/data/postmaster.pid")" 2>/dev/null
+      fi
+      rm -rf "$name" ;;
   esac
 done
 rm -f "$STATE/made" "$STATE/cluster.env"

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # A two-node Ray cluster on one Linux machine, each node in its own network namespace (own address, own network
-# stack, traffic over a veth/bridge network), plus an S3-compatible store (moto's server) both nodes reach.
+# stack, traffic over a veth/bridge network), plus an S3-compatible store (moto's server) and a PostgreSQL server (the
+# Serve gallery's database) both nodes reach.
 #
 #   sudo tools/cluster/up.sh STATE_DIR        # root: namespaces, links and mounts need it
-#   . STATE_DIR/cluster.env                   # RAY_ADDRESS (jobs API), CMAN_S3_QUERY (the store's URI options), AWS_*
+#   . STATE_DIR/cluster.env                   # RAY_ADDRESS (jobs API), CMAN_S3_QUERY (the store's URI options), AWS_*,
+#                                             # CMAN_PG_URL (serve.gallery_store), CMAN_SHARED (a folder both nodes read)
 #   ray job submit --address "$RAY_ADDRESS" --working-dir . -- \
 #     cman tune --config C --output-dir "s3://cman/sweep1?$CMAN_S3_QUERY" --local-dir "$STATE_DIR/head/sweep1"
 #   sudo tools/cluster/down.sh STATE_DIR      # removes what up.sh made (recorded in STATE_DIR/made), idempotent
@@ -58,10 +60,27 @@ for role in $ROLES; do
   ip -n "$ns" route add default via "$HOST_IP"
   mkdir -p "$STATE/$role"
 done
+# What both nodes read (a checkpoint and index to serve), as an NFS mount would be on separate machines.
+mkdir -p "$STATE/shared"
 # Ray's temp dirs hold unix sockets (paths of at most 107 bytes): short paths of their own, not under STATE_DIR.
 RAYTMP=/tmp/cm$ID
 mkdir "$RAYTMP" && made "dir $RAYTMP"
 mkdir "$RAYTMP/head" "$RAYTMP/worker"
+
+# The gallery's database (PostgreSQL, Debian's server binaries; `make install` installs them): listens on the bridge
+# (HOST_IP:5432, trust for the cluster's subnet only); data and unix socket in /tmp/cmID/pg, owned by `postgres`
+# (PostgreSQL refuses to run as root; STATE_DIR may be private to root). Serve's Retrievers on both nodes share it.
+PG_BIN=$(dirname "$(ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -1)")
+[ -x "$PG_BIN/pg_ctl" ] || { echo "up.sh: PostgreSQL server binaries not found (apt-get install postgresql)" >&2; exit 1; }
+PG_USER=$(id -u postgres >/dev/null 2>&1 && echo postgres || echo nobody)
+PG=$RAYTMP/pg
+mkdir "$PG" && chown "$PG_USER" "$PG" && made "pg $PG"
+pg_failed() { echo "up.sh: PostgreSQL did not start: $(tail -5 "$STATE/pg.log") $(tail -5 "$PG/server.log" 2>/dev/null)" >&2; exit 1; }
+runuser -u "$PG_USER" -- "$PG_BIN/initdb" -D "$PG/data" -A trust -U cman -E UTF8 --no-sync >"$STATE/pg.log" 2>&1 || pg_failed
+echo "host all all $SUB.0/24 trust" >>"$PG/data/pg_hba.conf"
+runuser -u "$PG_USER" -- "$PG_BIN/pg_ctl" -D "$PG/data" -l "$PG/server.log" -w -t 60 \
+  -o "-p 5432 -k $PG -c listen_addresses=$HOST_IP -c max_connections=100" start >>"$STATE/pg.log" 2>&1 || pg_failed
+runuser -u "$PG_USER" -- "$PG_BIN/createdb" -h "$PG" -p 5432 -U cman cman >>"$STATE/pg.log" 2>&1 || pg_failed
 
 # The S3-compatible store (moto's server: in-memory, one process, speaks the S3 REST API pyarrow and boto3 use).
 S3_PORT=9000
@@ -89,6 +108,8 @@ export CMAN_HEAD_IP=$HEAD_IP CMAN_WORKER_IP=$WORKER_IP CMAN_HOST_IP=$HOST_IP
 export CMAN_NS_HEAD=$NS_HEAD CMAN_NS_WORKER=$NS_WORKER
 export AWS_ACCESS_KEY_ID=cman AWS_SECRET_ACCESS_KEY=cman-secret AWS_DEFAULT_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
 export CMAN_S3_ENDPOINT=http://$HOST_IP:$S3_PORT
+export CMAN_PG_URL=postgresql://cman@$HOST_IP:5432/cman
+export CMAN_SHARED=$STATE/shared
 export CMAN_S3_QUERY="endpoint_override=$HOST_IP:$S3_PORT&scheme=http&region=us-east-1"
 EOF
 
