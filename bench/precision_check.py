@@ -28,15 +28,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DTYPES = ("fp32", "bf16")
 
 
-def top_k_agreement(sets: dict, k: int = 10) -> dict[str, float]:
-    """Per direction, the mean share of each query's fp32 top-k that the bf16 top-k also holds."""
+def top_k_agreement(sets: dict, k: int = 10, names: tuple[str, str] = DTYPES) -> dict[str, float]:
+    """Per direction, the mean share of each query's top-k under `names[0]` (fp32) that `names[1]` (bf16) also
+    returns."""
     from cman.metrics import DIRECTIONS, _parse_direction, dedupe
 
     out = {}
     for name in DIRECTIONS:
         src, dst = _parse_direction(name)
         tops = []
-        for dtype in DTYPES:
+        for dtype in names:
             query, gallery = dedupe(sets[dtype][src]), dedupe(sets[dtype][dst])
             scores = query.embeddings @ gallery.embeddings.T  # (queries, gallery)
             top = np.argsort(-scores, axis=1)[:, :k]  # (queries, k)

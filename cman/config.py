@@ -411,6 +411,11 @@ class ServeConfig(_Section):
         description="encoders and fusion in serving and `cman index`: auto = bf16 on a CPU with AMX / AVX-512-BF16 "
         "and on bf16 GPUs, fp32 elsewhere; embeddings are returned as fp32 either way",
     )
+    quantize: Literal["none", "int8"] = Field(
+        default="none",
+        description="encoders in serving and `cman index` (CPU only): int8 = dynamic int8 quantization of their "
+        "Linear layers (weights int8 per channel, activations quantized per batch); fusion and embeddings stay fp32",
+    )
     index_kind: Literal["auto", IndexKind] = Field(
         default="auto", description="auto: exact up to index_auto_exact_max items, index_auto_ann above"
     )
@@ -419,6 +424,9 @@ class ServeConfig(_Section):
     encoder_replicas: int = Field(default=1, ge=1, description="replicas per encoder (without autoscaling)")
     encoder_autoscaling: Autoscaling | None = Field(default=None, description="autoscale encoders instead")
     retriever_replicas: int = Field(default=1, ge=1, description="Retriever replicas sharing one index directory")
+    ingress_replicas: int = Field(
+        default=1, ge=1, description="FastAPI ingress replicas (2+ on a cluster: a node lost takes only its own)"
+    )
     gallery_store: str | None = Field(
         default=None,
         description="the gallery's database: sqlite:///<path> (one node; default: sqlite:///INDEX_DIR/gallery.db) "
@@ -427,9 +435,6 @@ class ServeConfig(_Section):
     gallery_sync_s: float = Field(default=0.5, gt=0, description="replicas read each other's changes this often")
     gallery_compact_every: int = Field(
         default=1000, ge=1, exclude=True, description="ignored (there is no log to compact); earlier configs load"
-    )
-    ingress_replicas: int = Field(
-        default=1, ge=1, description="FastAPI ingress replicas (2+ on a cluster: a node lost takes only its own)"
     )
     index_shard_size: int = Field(default=4096, ge=1, description="cman index: items per shard (resume unit)")
     index_batch_size: int = Field(default=64, ge=1, description="cman index: items per Ray Data batch")
@@ -454,6 +459,16 @@ class ServeConfig(_Section):
     )
     max_queued_requests: int = Field(default=64, ge=1, description="per deployment; more waiting → 503")
     health_check_period_s: float = Field(default=10.0, gt=0, description="Serve calls check_health this often")
+
+    @model_validator(mode="after")
+    def _quantize_with_fp32(self) -> ServeConfig:
+        if self.quantize == "int8" and self.dtype == "bf16":
+            raise ValueError(
+                "serve.quantize int8 computes the encoders with int8 weights and fp32 activations, which bf16 "
+                "autocast cannot feed: set serve.dtype to fp32 or auto (auto computes int8 encoders in fp32), or "
+                "serve.quantize to none"
+            )
+        return self
 
     @field_validator("gallery_store")
     @classmethod

@@ -27,6 +27,7 @@ from cman.data.folder import scan_folder
 from cman.gallery_build import item_record, write_gallery, write_meta
 from cman.modality import Modality
 from cman.models.cman import CMAN
+from cman.quantize import quantize_encoders
 from cman.training import amp_dtype, compute_embeddings, resolve_device
 from jobs import faults
 
@@ -67,7 +68,9 @@ def build_index(
     items, data_root, skip_bad = gallery_source(split, root, config, folder)
     device = resolve_device(config.ray.use_gpu)
     model.to(device)
-    dtype = amp_dtype(device, config.serve.dtype, purpose="indexing")
+    quantize = (serve or config.serve).quantize
+    quantize_encoders(model, quantize, purpose="indexing")  # as the encoder replicas do (serve.quantize)
+    dtype = amp_dtype(device, config.serve.dtype, purpose="indexing") if quantize == "none" else None
     galleries: dict[Modality, tuple[np.ndarray, list[dict]]] = {}
     for modality in model.modalities:
         gallery = unique_items(items, modality)
@@ -89,7 +92,8 @@ def build_index(
         galleries[modality] = (embedded.embeddings, records)
     counts = write_gallery(out_dir, galleries, kind, serve)
     split = None if folder is not None else split
-    write_meta(out_dir, checkpoint, split, data_root, kind, len(items), counts, serve, **_folder_meta(folder))
+    extra = {"quantize": quantize, **_folder_meta(folder)}
+    write_meta(out_dir, checkpoint, split, data_root, kind, len(items), counts, serve, **extra)
     logger.info("index written to %s: %s (%.1f s)", out_dir, counts, time.perf_counter() - start)
     return counts
 
@@ -126,7 +130,13 @@ class EmbedActor:
     (what the Serve encoder replica and the Retriever run), embedding a batch of item rows on its own."""
 
     def __init__(
-        self, checkpoint: str, modality: str, num_threads: int, use_gpu: bool, skip_bad: bool | None = None
+        self,
+        checkpoint: str,
+        modality: str,
+        num_threads: int,
+        use_gpu: bool,
+        skip_bad: bool | None = None,
+        quantize: str = "none",
     ) -> None:
         import torch
 
@@ -136,7 +146,8 @@ class EmbedActor:
         self.device = resolve_device(use_gpu)
         self.model.to(self.device)
         config = self.model.config
-        self.dtype = amp_dtype(self.device, config.serve.dtype, purpose="indexing")
+        quantize_encoders(self.model, quantize, purpose="indexing")
+        self.dtype = amp_dtype(self.device, config.serve.dtype, purpose="indexing") if quantize == "none" else None
         self.processors = {self.modality: self.model.processors[self.modality]}
         self.skip_bad = config.data.skip_bad_items if skip_bad is None else skip_bad
 
@@ -217,7 +228,8 @@ def build_index_ray(
     galleries = {modality: _load_shards(out_dir, modality, shards, data_root) for modality, shards in plan.items()}
     counts = write_gallery(out_dir, galleries, kind, serve)
     split = None if folder is not None else split
-    write_meta(out_dir, checkpoint, split, data_root, kind, len(items), counts, serve, **_folder_meta(folder))
+    extra = {"quantize": serve.quantize, **_folder_meta(folder)}
+    write_meta(out_dir, checkpoint, split, data_root, kind, len(items), counts, serve, **extra)
     logger.info("index written to %s: %s (%.1f s)", out_dir, counts, time.perf_counter() - start)
     return counts
 
@@ -253,6 +265,7 @@ def _embed_shards(
             int(serve.index_cpus_per_actor),
             serve.index_gpus_per_actor > 0,
             skip_bad,
+            serve.quantize,
         ),
         batch_size=serve.index_batch_size,
         concurrency=serve.index_actors,

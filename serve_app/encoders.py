@@ -21,7 +21,8 @@ from ray import serve
 from cman.config import ServeConfig
 from cman.data.errors import DataError, LimitError
 from cman.modality import Modality
-from cman.precision import resolve_dtype
+from cman.precision import dtype_name, resolve_dtype
+from cman.quantize import int8_linear_count, quantize_linear
 from cman.steps import autocast
 
 logger = logging.getLogger(__name__)
@@ -71,15 +72,26 @@ class ModalityEncoderServer:
         model = CMAN.from_pretrained(checkpoint, modalities=[self.modality]).merge_adapters()
         self.device = inference_device(self.settings.num_gpus_per_replica)
         self.encoder = model.encoders[self.modality.value].to(self.device).eval()
-        self.dtype = resolve_dtype(self.device, self.settings.dtype, purpose="serving")
+        self.parameters = count_parameters(self.encoder)[1]  # before quantizing: packed int8 weights are no Parameters
+        self.quantize = self.settings.quantize
+        quantize_linear(self.encoder, self.quantize, purpose="serving")
+        # int8 Linear layers take fp32 activations (ServeConfig rejects quantize int8 with dtype bf16)
+        self.dtype = (
+            resolve_dtype(self.device, self.settings.dtype, purpose="serving") if self.quantize == "none" else None
+        )
         self.processor = model.processors[self.modality]
         del model
-        self.parameters = count_parameters(self.encoder)[1]
         self.min_samples = min_audio_samples(self.encoder.backbone) if self.modality == Modality.AUDIO else None
         self.encode.set_max_batch_size(self.settings.max_batch_size)
         self.encode.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self.batch_sizes: Counter[int] = Counter()
-        logger.info("%s encoder ready on %s (%d parameters)", self.modality.value, self.device, self.parameters)
+        logger.info(
+            "%s encoder ready on %s (%d parameters, %s)",
+            self.modality.value,
+            self.device,
+            self.parameters,
+            self.numerics,
+        )
 
     def _load(self, payload: Any) -> Any:
         """Decode one payload with the serving limits (bounded memory; LimitError past a limit)."""
@@ -172,9 +184,24 @@ class ModalityEncoderServer:
         if not np.isfinite(tokens).all():
             raise RuntimeError(f"{self.modality.value} encoder produced non-finite tokens")
 
+    @property
+    def numerics(self) -> str:
+        """How this replica computes: "int8 Linear layers (N), fp32 elsewhere" or "fp32" / "bf16" autocast."""
+        if self.quantize == "int8":
+            return f"int8 Linear layers ({int8_linear_count(self.encoder)}), fp32 elsewhere"
+        return dtype_name(self.dtype)
+
     def info(self) -> dict[str, Any]:
-        """This replica: process id, modality and the parameter count it holds (for tests and operators)."""
-        return {"pid": os.getpid(), "modality": self.modality.value, "parameters": self.parameters}
+        """This replica: process id, modality, the parameter count it holds and how it computes (for tests and
+        operators)."""
+        return {
+            "pid": os.getpid(),
+            "modality": self.modality.value,
+            "parameters": self.parameters,
+            "quantize": self.quantize,
+            "dtype": dtype_name(self.dtype),
+            "numerics": self.numerics,
+        }
 
     def stats(self) -> dict[str, Any]:
         sizes = dict(sorted(self.batch_sizes.items()))
