@@ -84,10 +84,17 @@ def test_interrupted_two_worker_run_continues_when_rerun(
     meta = json.loads((last / "metadata.json").read_text())
     assert meta["epoch"] == 2
     single = evaluate_checkpoint(last, "val")
-    assert meta["metrics"]["rsum"] == pytest.approx(single["rsum"], abs=1e-6)
+    # The sharded, gathered embeddings and the single-process ones differ by float rounding (~1e-7: other batch
+    # sizes); among 24 near-random items that can swap two near-tied neighbours, moving a query by one rank. A
+    # gather in the wrong order would move every metric by far more.
+    two_queries = 2 * 100.0 / next(iter(single["directions"].values()))["n_queries"]
+    assert meta["metrics"]["rsum"] == pytest.approx(single["rsum"], abs=two_queries)
     for direction, values in single["directions"].items():
+        one_query = 100.0 / values["n_queries"]
         for name, value in values.items():
-            assert meta["metrics"]["directions"][direction][name] == pytest.approx(value, abs=1e-6), (direction, name)
+            slack = {"medR": 1.0, "n_queries": 0.0, "n_skipped": 0.0}.get(name, one_query)
+            gathered = meta["metrics"]["directions"][direction][name]
+            assert gathered == pytest.approx(value, abs=slack + 1e-6), (direction, name, gathered, value)
     best_meta = json.loads((out / "checkpoints" / "best" / "metadata.json").read_text())
     assert best_meta["metrics"]["rsum"] == max(h["val_rsum"] for h in report["history"])
     assert json.loads(Path(report["eval_path"]).read_text())["rsum"] == pytest.approx(report["test"]["rsum"])
