@@ -162,7 +162,7 @@ class LoraSettings(_Section):
 
 LossKind = Literal["max_margin", "infonce"]
 MarginMode = Literal["hardest", "sum"]
-IndexKind = Literal["flat", "ivf", "hnsw"]
+IndexKind = Literal["flat", "ivf", "hnsw", "ivf_refine"]
 
 
 class LossConfig(_Section):
@@ -420,7 +420,11 @@ class ServeConfig(_Section):
         default="auto", description="auto: exact up to index_auto_exact_max items, index_auto_ann above"
     )
     index_auto_exact_max: int = Field(default=100_000, ge=0, description="auto: largest gallery searched exactly")
-    index_auto_ann: Literal["ivf", "hnsw"] = "ivf"
+    index_auto_ann: Literal["ivf_refine", "ivf", "hnsw"] = Field(
+        default="ivf_refine",
+        description="auto, above index_auto_exact_max: ivf_refine (IVF over 8-bit scalar-quantised codes, "
+        "candidates re-scored exactly), ivf (IVF-flat, as earlier releases) or hnsw",
+    )
     encoder_replicas: int = Field(default=1, ge=1, description="replicas per encoder (without autoscaling)")
     encoder_autoscaling: Autoscaling | None = Field(default=None, description="autoscale encoders instead")
     retriever_replicas: int = Field(default=1, ge=1, description="Retriever replicas sharing one index directory")

@@ -7,12 +7,19 @@ Vectors are L2-normalised float32 embeddings; the metric is inner product (= cos
 - ``"ivf"``: ``IndexIVFFlat`` with inner product. IVF needs training data, so the index stays exact (flat) until it
   holds at least ``39 * nlist`` vectors (faiss' own minimum for a sound k-means); the add that crosses that size
   trains the IVF on every vector held and moves them over. Searches probe ``nprobe`` lists.
+- ``"ivf_refine"``: IVF over compressed ``codes`` (``REFINE_CODES``: 8-bit scalar quantisation of the residuals by
+  default) finds ``k_factor * k`` candidates, which faiss' ``IndexRefineFlat`` re-scores exactly against the stored
+  full vectors. Trained like ``"ivf"`` (exact below ``39 * nlist`` vectors; k-means on at most ``40 * nlist`` of
+  them). Memory per item: the codes (dim bytes for sq8) + the full vectors. ``IndexRefine`` cannot remove vectors,
+  so removed items are hidden (a faiss ``IDSelector`` keeps them out of the candidates) until the live vectors are
+  re-added to the trained index, once a tenth of the index is hidden.
 
 Every vector carries an int64 *label* (faiss ids): the gallery store's sequence number of the item's add (see
 ``cman.gallery_db``), or a running counter. ``remove`` takes items out (flat and IVF at once; HNSW, which cannot
-remove, hides them from results until the index is rebuilt). This index is a replica's in-memory search structure;
-the items themselves live in the gallery store. ``save`` / ``load`` write and read one snapshot file (the cache a
-replica starts from, tagged with the store sequence it covers), replaced whole by one rename.
+remove, hides them from results until the index is rebuilt; ``"ivf_refine"``: see above). This index is a replica's
+in-memory search structure; the items themselves live in the gallery store. ``save`` / ``load`` write and read one
+snapshot file (the cache a replica starts from, tagged with the store sequence it covers), replaced whole by one
+rename.
 """
 
 from __future__ import annotations
@@ -41,6 +48,12 @@ IVF_MIN_POINTS_PER_LIST = 39
 # index, u64 faiss length, SHA-256 of all before it
 MAGIC = b"CMANGIX2"
 PARAM_NAMES = ("kind", "nlist", "hnsw_m", "nprobe", "ef_search", "ef_construction")
+REFINE_PARAM_NAMES = ("k_factor", "codes")  # absent from the snapshots of earlier releases: the defaults apply
+# "ivf_refine" candidate codes -> (dimensions per code, faiss factory string): 8-bit scalar quantisation of the
+# residuals (dim bytes a vector; ranks near-duplicates well), or 4-bit fast-scan PQ with one sub-quantizer per 8
+# dimensions (dim / 16 bytes; faster to scan, but too coarse to rank near-duplicates: bench/README.md)
+REFINE_CODES = {"sq8": (1, "SQ8"), "pq4_d8": (8, "PQ{m}x4fs")}
+TRAIN_POINTS_PER_LIST = 40  # "ivf_refine": k-means on at most this many vectors per list (as bench/search_bench.py)
 
 
 class GalleryIndex:
@@ -55,6 +68,8 @@ class GalleryIndex:
         nprobe: int = 16,
         ef_search: int = 128,
         ef_construction: int = 200,
+        k_factor: float = 8,
+        codes: str = "sq8",
     ) -> None:
         if kind not in INDEX_KINDS:
             raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
@@ -65,11 +80,20 @@ class GalleryIndex:
                 f"index parameters out of range: nlist={nlist} (>=1), hnsw_m={hnsw_m} (>=2), nprobe={nprobe} (>=1), "
                 f"ef_search={ef_search} (>=1), ef_construction={ef_construction} (>=1)"
             )
+        if not k_factor >= 1:
+            raise ValueError(f"index parameter k_factor (candidates re-scored per result) must be >= 1, got {k_factor}")
+        if codes not in REFINE_CODES or (kind == "ivf_refine" and dim % REFINE_CODES[codes][0]):
+            raise ValueError(
+                f"index parameter codes must be one of {list(REFINE_CODES)} with a dim divisible by its dimensions "
+                f"per code ({ {name: dims for name, (dims, _) in REFINE_CODES.items()} }), got {codes!r} for dim {dim}"
+            )
         self.dim, self.kind, self.nlist, self.hnsw_m = int(dim), kind, int(nlist), int(hnsw_m)
         self.nprobe, self.ef_search, self.ef_construction = int(nprobe), int(ef_search), int(ef_construction)
+        self.k_factor, self.codes = float(k_factor), codes
         self._items: dict[int, dict[str, Any]] = {}  # label -> record, in insertion order
         self._pos: dict[str, int] = {}  # id -> label
-        self._hidden: set[int] = set()  # hnsw: removed labels still in the graph, filtered out of results
+        self._hidden: set[int] = set()  # removed labels whose vectors the index still holds (hnsw, ivf_refine)
+        self._hidden_sel: tuple[Any, ...] | None = None  # ivf_refine: faiss selector of the live positions, cached
         self._next_label = 0
         self._lock = threading.RLock()
         self._index = self._empty_index()
@@ -77,7 +101,7 @@ class GalleryIndex:
     @property
     def params(self) -> dict[str, Any]:
         """The constructor's keyword arguments but ``dim`` (what a rebuild of the same kind needs)."""
-        return {name: getattr(self, name) for name in PARAM_NAMES}
+        return {name: getattr(self, name) for name in PARAM_NAMES + REFINE_PARAM_NAMES}
 
     # ----------------------------------------------------------------- construction
     def _empty_index(self) -> faiss.Index:
@@ -91,12 +115,23 @@ class GalleryIndex:
 
     @property
     def ivf_min_size(self) -> int:
-        """Size from which an ``"ivf"`` index is actually IVF (below it, searches are exact)."""
+        """Size from which an ``"ivf"`` or ``"ivf_refine"`` index is actually IVF (below it, searches are exact)."""
         return IVF_MIN_POINTS_PER_LIST * self.nlist
 
     @property
     def is_trained_ivf(self) -> bool:
+        """Whether an IVF (``"ivf"`` or ``"ivf_refine"``) is in use, rather than the exact index it starts as."""
+        return self._ivf_flat or self._refined
+
+    @property
+    def _ivf_flat(self) -> bool:
         return isinstance(self._index, faiss.IndexIVF)
+
+    @property
+    def _refined(self) -> bool:
+        return isinstance(self._index, faiss.IndexIDMap) and isinstance(
+            faiss.downcast_index(self._index.index), faiss.IndexRefine
+        )
 
     @property
     def hidden_count(self) -> int:
@@ -104,24 +139,59 @@ class GalleryIndex:
         return len(self._hidden)
 
     def _maybe_switch_to_ivf(self) -> None:
-        if self.kind != "ivf" or self.is_trained_ivf or len(self._items) < self.ivf_min_size:
+        if self.kind not in ("ivf", "ivf_refine") or self.is_trained_ivf or len(self._items) < self.ivf_min_size:
             return
         labels, vectors = self._labelled_vectors()  # (n,), (n, dim)
-        quantizer = faiss.IndexFlatIP(self.dim)
-        ivf = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
-        ivf.train(vectors)
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct and remove by label
-        ivf.add_with_ids(vectors, labels)
-        ivf.nprobe = self.nprobe
-        self._index = ivf
+        if self.kind == "ivf_refine":
+            self._index = faiss.IndexIDMap(self._refine_index())
+            most = TRAIN_POINTS_PER_LIST * self.nlist  # the k-means cost grows with n * nlist: a sample trains it
+            sample = np.random.default_rng(0).choice(len(vectors), most, replace=False) if len(vectors) > most else None
+            self._index.train(vectors if sample is None else vectors[np.sort(sample)])
+        else:
+            quantizer = faiss.IndexFlatIP(self.dim)
+            self._index = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+            self._index.train(vectors)
+            self._index.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct and remove by label
+            self._index.nprobe = self.nprobe
+        self._index.add_with_ids(vectors, labels)
         self._hidden.clear()  # the IVF holds live vectors only
+
+    def _refine_index(self) -> faiss.IndexRefine:
+        """An untrained ``IndexRefineFlat`` over an IVF of ``codes`` (faiss' index factory)."""
+        refine = faiss.index_factory(
+            self.dim, refine_factory(self.dim, self.nlist, self.codes), faiss.METRIC_INNER_PRODUCT
+        )
+        self._tune_refine(refine)
+        return refine
+
+    def _tune_refine(self, refine: faiss.IndexRefine) -> None:
+        refine.k_factor = self.k_factor
+        faiss.extract_index_ivf(refine.base_index).nprobe = self.nprobe
+
+    def _search_params(self) -> faiss.SearchParameters | None:
+        """``ivf_refine``: nprobe, k_factor and, with hidden items, a selector of the live positions (cached)."""
+        if not self._refined:
+            return None
+        if self._hidden and self._hidden_sel is None:
+            held = faiss.vector_to_array(self._index.id_map)  # position -> label
+            gone = np.flatnonzero(np.isin(held, np.fromiter(self._hidden, dtype=np.int64)))
+            batch = faiss.IDSelectorBatch(gone)
+            self._hidden_sel = (faiss.IDSelectorNot(batch), batch)
+        base = faiss.SearchParametersIVF(nprobe=self.nprobe)
+        if self._hidden:
+            base.sel = self._hidden_sel[0]
+        params = faiss.IndexRefineSearchParameters(k_factor=self.k_factor, base_index_params=base)
+        params.referenced_objects = [base, self._hidden_sel]  # faiss holds raw pointers only
+        return params
 
     def _labelled_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(labels, vectors) of every live item, in faiss' storage order. # (n,), (n, dim)"""
-        if self.is_trained_ivf:
+        if self._ivf_flat:
             labels = np.fromiter(self._items, dtype=np.int64, count=len(self._items))
             return labels, self._index.reconstruct_batch(labels) if len(labels) else np.zeros((0, self.dim), "f4")
         inner = faiss.downcast_index(self._index.index)
+        if self._refined:
+            inner = faiss.downcast_index(inner.refine_index)  # the full vectors
         labels = faiss.vector_to_array(self._index.id_map)
         vectors = inner.reconstruct_n(0, inner.ntotal) if inner.ntotal else np.zeros((0, self.dim), "f4")
         if self._hidden:
@@ -193,23 +263,35 @@ class GalleryIndex:
         """Take the items with these ids out of the index (unknown ids are ignored); returns how many were held.
 
         Their vectors are hidden at once (searches skip them) and dropped in batches (one pass over a flat or IVF
-        index per 1 % of its size removed; faiss' HNSW cannot drop vectors: a rebuild does, see ``hidden_count``).
+        index per 1 % of its size removed; a refined IVF re-adds its live vectors once 10 % are hidden; faiss' HNSW
+        cannot drop vectors: a rebuild does, see ``hidden_count``).
         """
         with self._lock:
             labels = [self._pos.pop(str(i)) for i in dict.fromkeys(ids) if str(i) in self._pos]
             for label in labels:
                 del self._items[label]
             self._hidden.update(labels)
-            if len(self._hidden) >= max(32, len(self._items) // 100):
+            self._hidden_sel = None
+            share, least = (10, 1000) if self._refined else (100, 32)
+            if len(self._hidden) >= max(least, len(self._items) // share):
                 self.compact()
             return len(labels)
 
     def compact(self) -> None:
-        """Drop the vectors of removed items from a flat or IVF index (HNSW keeps them hidden until rebuilt)."""
+        """Drop the vectors of removed items: a flat or IVF index removes them, a refined IVF (faiss' IndexRefine
+        cannot remove) is emptied and given its live vectors again (no retraining: ~20 s at 1 M x 512 on 2 cores),
+        HNSW keeps them hidden until rebuilt."""
         with self._lock:
-            if self._hidden and self.kind != "hnsw":
+            if not self._hidden or self.kind == "hnsw":
+                return
+            if self._refined:
+                labels, vectors = self._labelled_vectors()  # (n,), (n, dim) live only
+                self._index.reset()  # the trained IVF and codebooks stay
+                self._index.add_with_ids(vectors, labels)
+            else:
                 self._index.remove_ids(np.fromiter(self._hidden, dtype=np.int64, count=len(self._hidden)))
-                self._hidden.clear()
+            self._hidden.clear()
+            self._hidden_sel = None
 
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[dict[str, Any], float]]]:
         """Top-``k`` items per query, best first. queries: # (m, dim). ``k`` is clipped to the index size."""
@@ -220,8 +302,9 @@ class GalleryIndex:
             k = min(int(k), len(self._items))
             if k == 0:
                 return [[] for _ in range(q.shape[0])]
-            fetch = min(k + len(self._hidden), self._index.ntotal)
-            scores, labels = self._index.search(q, fetch)  # (m, fetch), (m, fetch)
+            params = self._search_params()  # ivf_refine: hidden items are never candidates
+            fetch = min(k + (0 if params else len(self._hidden)), self._index.ntotal)
+            scores, labels = self._index.search(q, fetch, params=params)  # (m, fetch), (m, fetch)
             return [
                 [
                     (copy.deepcopy(self._items[j]), float(s))
@@ -274,7 +357,8 @@ class GalleryIndex:
         searches wait only for the copy. ``tag`` (JSON, in the small header) travels with it: the gallery store's id
         and the change sequence the snapshot covers."""
         with self._lock:
-            self.compact()
+            if not self._refined:  # a refined IVF keeps its hidden vectors (a re-add is slow), as HNSW does
+                self.compact()
             try:
                 header = json.dumps({**self._meta(), "tag": tag or {}}).encode("utf-8")
                 body = {"labels": list(self._items), "items": list(self._items.values())}
@@ -306,7 +390,8 @@ class GalleryIndex:
         with open(path, "rb") as f:
             meta, body, index = _read_snapshot(f, path)
         try:
-            self = cls(meta["dim"], **{name: meta[name] for name in PARAM_NAMES})
+            optional = {name: meta[name] for name in REFINE_PARAM_NAMES if name in meta}
+            self = cls(meta["dim"], **{name: meta[name] for name in PARAM_NAMES}, **optional)
         except (KeyError, TypeError) as err:
             raise ValueError(f"{path}: the snapshot header is missing or has a bad field: {err}") from err
         return self._fill(index, body["labels"], body["items"], path)
@@ -317,15 +402,17 @@ class GalleryIndex:
                 f"snapshot {path} is inconsistent: {len(labels)} labels, {len(items)} items, "
                 f"{index.ntotal} vectors of dim {index.d} (index dim {self.dim}); delete it (it is only a cache)"
             )
-        if isinstance(index, faiss.IndexIVF):
+        self._index = index
+        if self._ivf_flat:
             index.nprobe = self.nprobe
+        elif self._refined:
+            self._tune_refine(faiss.downcast_index(index.index))
         elif self.kind == "hnsw":
             faiss.downcast_index(index.index).hnsw.efSearch = self.ef_search
-        self._index = index
         for label, item in zip(labels, items, strict=True):
             self._items[int(label)] = item
             self._pos[str(item["id"])] = int(label)
-        if index.ntotal > len(items):  # an HNSW graph with hidden (removed) items
+        if index.ntotal > len(items):  # an HNSW graph or a refined IVF with hidden (removed) items
             held = faiss.vector_to_array(index.id_map) if hasattr(index, "id_map") else np.zeros(0, np.int64)
             self._hidden = set(held.tolist()) - set(self._items)
         self._next_label = max([*self._items, *self._hidden], default=-1) + 1
@@ -418,15 +505,34 @@ def _read_snapshot(f: BinaryIO, path: Path) -> tuple[dict[str, Any], dict[str, A
     return meta, body, index
 
 
-def auto_params(n: int, exact_max: int, ann_kind: str = "ivf") -> dict[str, Any]:
+def refine_factory(dim: int, nlist: int, codes: str) -> str:
+    """The faiss ``index_factory`` string of an ``"ivf_refine"`` index: e.g. ``IVF1024,PQ64x4fs,RFlat`` (512-d)."""
+    dims, pattern = REFINE_CODES[codes]
+    return f"IVF{nlist},{pattern.format(m=dim // dims)},RFlat"
+
+
+def auto_params(n: int, exact_max: int, ann_kind: str = "ivf_refine") -> dict[str, Any]:
     """``serve.index_kind: auto``: exact search up to ``exact_max`` items, ``ann_kind`` above (bench/README.md).
 
-    IVF gets about sqrt(n) lists (a power of two, 64-4096) and probes 1/8 of them: measured at 1M (bench/README.md),
-    1024 lists with nprobe 128 gave recall@10 0.976 at 16x the exact search's queries/s; nprobe 16 only 0.51.
+    ``"ivf_refine"`` (the default): about 4 sqrt(n) lists (a power of two, 64-16384, at most n / 39 so that the IVF
+    can train), nprobe = lists / 16, sq8 codes, ``k_factor`` 8. Measured at 1M with
+    ``bench/search_bench.py --n 1000000 --dim 512 --kinds ivf_flat ivf_refine`` (hard synthetic set) and ``... --dim
+    128 --no-synthetic --real-index INDEX_DIR --spread 0.5`` (real CMAN embeddings + noise): 4096 lists, nprobe 256
+    gave recall@10 0.998 / 1.000 at ≥ 10x the exact search's queries/s (bench/README.md); 1024 lists needed nprobe
+    512 (0.993, 5x) on the hard set, and nprobe 128 of 4096 gave only 0.970 on the real one; 4-bit PQ codes
+    (``pq4_d8``) cannot rank the real set's near-duplicates (recall <= 0.6).
+    ``"ivf"`` (IVF-flat, earlier releases): about sqrt(n) lists (64-4096) and nprobe = lists / 8; 1024 lists with
+    nprobe 128 gave 0.976 at 16x on an earlier real set, but 0.917 at 8x on the hard synthetic one.
     """
+    if ann_kind not in ("ivf_refine", "ivf", "hnsw"):
+        raise ValueError(f"serve.index_auto_ann must be ivf_refine, ivf or hnsw, got {ann_kind!r}")
     if n <= exact_max:
         return {"kind": "flat"}
     if ann_kind == "hnsw":
         return {"kind": "hnsw"}
-    nlist = int(min(4096, max(64, 2 ** round(np.log2(np.sqrt(n))))))
-    return {"kind": "ivf", "nlist": nlist, "nprobe": nlist // 8}
+    if ann_kind == "ivf":
+        nlist = int(min(4096, max(64, 2 ** round(np.log2(np.sqrt(n))))))
+        return {"kind": "ivf", "nlist": nlist, "nprobe": nlist // 8}
+    nlist = 2 ** round(np.log2(4 * np.sqrt(n)))
+    nlist = int(min(16384, max(64, min(nlist, 2 ** int(np.log2(max(1, n // IVF_MIN_POINTS_PER_LIST)))))))
+    return {"kind": "ivf_refine", "nlist": nlist, "nprobe": nlist // 16, "k_factor": 8, "codes": "sq8"}

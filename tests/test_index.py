@@ -197,5 +197,7 @@ def test_auto_params_exact_below_threshold_ivf_above() -> None:
     from cman.index import auto_params
 
     assert auto_params(1000, exact_max=100_000) == {"kind": "flat"}
-    assert auto_params(1_000_000, exact_max=100_000) == {"kind": "ivf", "nlist": 1024, "nprobe": 128}
+    assert auto_params(1_000_000, exact_max=100_000, ann_kind="ivf") == {"kind": "ivf", "nlist": 1024, "nprobe": 128}
+    with pytest.raises(ValueError, match="index_auto_ann must be"):
+        auto_params(1_000_000, exact_max=100_000, ann_kind="lsh")
     assert auto_params(200_000, exact_max=100_000, ann_kind="hnsw") == {"kind": "hnsw"}
