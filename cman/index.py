@@ -279,8 +279,8 @@ class GalleryIndex:
 
     def compact(self) -> None:
         """Drop the vectors of removed items: a flat or IVF index removes them, a refined IVF (faiss' IndexRefine
-        cannot remove) is emptied and given its live vectors again (no retraining: ~20 s at 1 M x 512 on 2 cores),
-        HNSW keeps them hidden until rebuilt."""
+        cannot remove) is emptied and given its live vectors again (no retraining, but the add's cost: a minute or
+        two at 1 M x 512 on 2 cores), HNSW keeps them hidden until rebuilt."""
         with self._lock:
             if not self._hidden or self.kind == "hnsw":
                 return
@@ -514,15 +514,15 @@ def refine_factory(dim: int, nlist: int, codes: str) -> str:
 def auto_params(n: int, exact_max: int, ann_kind: str = "ivf_refine") -> dict[str, Any]:
     """``serve.index_kind: auto``: exact search up to ``exact_max`` items, ``ann_kind`` above (bench/README.md).
 
-    ``"ivf_refine"`` (the default): about 4 sqrt(n) lists (a power of two, 64-16384, at most n / 39 so that the IVF
-    can train), nprobe = lists / 16, sq8 codes, ``k_factor`` 8. Measured at 1M with
-    ``bench/search_bench.py --n 1000000 --dim 512 --kinds ivf_flat ivf_refine`` (hard synthetic set) and ``... --dim
-    128 --no-synthetic --real-index INDEX_DIR --spread 0.5`` (real CMAN embeddings + noise): 4096 lists, nprobe 256
-    gave recall@10 0.998 / 1.000 at ≥ 10x the exact search's queries/s (bench/README.md); 1024 lists needed nprobe
-    512 (0.993, 5x) on the hard set, and nprobe 128 of 4096 gave only 0.970 on the real one; 4-bit PQ codes
-    (``pq4_d8``) cannot rank the real set's near-duplicates (recall <= 0.6).
-    ``"ivf"`` (IVF-flat, earlier releases): about sqrt(n) lists (64-4096) and nprobe = lists / 8; 1024 lists with
-    nprobe 128 gave 0.976 at 16x on an earlier real set, but 0.917 at 8x on the hard synthetic one.
+    ``"ivf_refine"`` (the default): nlist = 2^round(log2 4 sqrt(n)) (64-16384, at most n / 39 so that the IVF can
+    train), nprobe = nlist / 16, ``codes`` sq8, ``k_factor`` 8. Measured on a 2-core EPYC (bench/README.md) with
+    ``bench/search_bench.py --n 1000000 --dim 512 --kinds ivf_flat ivf_refine --refine-codes sq8 pq4_d8 --threads 1``
+    (hard synthetic set) and ``... --n 1000000 --no-synthetic --real-index INDEX_DIR --spread 0.5 ...`` (real CMAN
+    embeddings + noise): at 1M (4096 lists, nprobe 256) recall@10 0.997 / 1.000 at 18x / 14x the exact search's
+    batch-1 queries/s, at 200k (2048, 128) 0.956 / 1.000 at 17x / 12x. 1024 lists needed nprobe 512 on the hard set
+    (0.993 at 5x); nprobe 128 of 4096 gave 0.967 on the real one; 4-bit PQ codes (``pq4_d8``) cannot rank its
+    near-duplicates (recall 0.02). ``"ivf"`` (IVF-flat, earlier releases): about sqrt(n) lists (64-4096) and
+    nprobe = lists / 8: 0.917 at 7x on the hard set at 1M.
     """
     if ann_kind not in ("ivf_refine", "ivf", "hnsw"):
         raise ValueError(f"serve.index_auto_ann must be ivf_refine, ivf or hnsw, got {ann_kind!r}")
